@@ -1,0 +1,117 @@
+package caddysse
+
+import (
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("sse", parseCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("sse", httpcaddyfile.Before, "reverse_proxy")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(Handler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	sse [<matcher>] {
+//	    heartbeat       <duration>|off
+//	    heartbeat_text  <text>
+//	    idle_timeout    <duration>
+//	    max_lifetime    <duration>
+//	    lifetime_jitter <fraction 0..1>
+//	    retry           <duration>
+//	    close_event     <event type>
+//	    close_grace     <duration>
+//	    write_timeout   <duration>
+//	}
+//
+// Every option may appear once. Without a block, all defaults apply.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if seen[option] {
+			return d.Errf("%s: option given more than once", option)
+		}
+		seen[option] = true
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		value := d.Val()
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		var err error
+		switch option {
+		case "heartbeat":
+			if value == "off" {
+				h.Heartbeat = -1
+				break
+			}
+			h.Heartbeat, err = parseDuration(d, option, value)
+		case "heartbeat_text":
+			h.HeartbeatText, err = parseLineText(d, option, value)
+		case "idle_timeout":
+			h.IdleTimeout, err = parseDuration(d, option, value)
+		case "max_lifetime":
+			h.MaxLifetime, err = parseDuration(d, option, value)
+		case "lifetime_jitter":
+			j, perr := strconv.ParseFloat(value, 64)
+			if perr != nil || !(j >= 0 && j <= 1) {
+				return d.Errf("%s: want a number between 0 and 1, got %q", option, value)
+			}
+			h.LifetimeJitter = &j
+		case "retry":
+			h.Retry, err = parseDuration(d, option, value)
+		case "close_event":
+			h.CloseEvent, err = parseLineText(d, option, value)
+		case "close_grace":
+			h.CloseGrace, err = parseDuration(d, option, value)
+		case "write_timeout":
+			h.WriteTimeout, err = parseDuration(d, option, value)
+		default:
+			return d.Errf("unrecognized sse option %q", option)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// parseDuration parses a non-negative duration option.
+func parseDuration(d *caddyfile.Dispenser, option, value string) (caddy.Duration, error) {
+	dur, err := caddy.ParseDuration(value)
+	if err != nil {
+		return 0, d.Errf("%s: invalid duration %q", option, value)
+	}
+	if dur < 0 {
+		return 0, d.Errf("%s: must not be negative, got %s", option, value)
+	}
+	return caddy.Duration(dur), nil
+}
+
+// parseLineText checks that a text option fits in one event-stream line.
+func parseLineText(d *caddyfile.Dispenser, option, value string) (string, error) {
+	if strings.ContainsAny(value, "\r\n") {
+		return "", d.Errf("%s: must not contain CR or LF", option)
+	}
+	return value, nil
+}
+
+// Interface guards
+var _ caddyfile.Unmarshaler = (*Handler)(nil)
