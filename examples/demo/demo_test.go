@@ -1,0 +1,480 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"image/png"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+)
+
+var screenshotPath = flag.String("screenshot", "", "also write the browser test's screenshot of the demo page to this `file` (docs/demo.png is made with -screenshot=../../docs/demo.png)")
+
+// The demo's Caddyfile decides these; the waits below are derived from them.
+const (
+	heartbeatInterval = 2 * time.Second
+	idleTimeout       = 6 * time.Second
+	retryMillis       = "1000"
+	closeEventType    = "gateway-close"
+	// slack absorbs scheduling delays on a busy machine; every wait is
+	// still bounded.
+	slack = 3 * time.Second
+)
+
+// TestDemoPageAndStream starts the demo on free ports and checks, with a
+// plain HTTP client going through the gateway, that the page is served and
+// that the legacy stream comes out well-behaved: proper headers, events as
+// they are sent, a heartbeat once the upstream goes quiet, then the idle
+// close sequence, and the upstream connection gone right after.
+func TestDemoPageAndStream(t *testing.T) {
+	demo := startDemo(t)
+
+	resp, body := get(t, demo.pageURL)
+	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") {
+		t.Fatalf("page: status %d, Content-Type %q", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	for _, want := range []string{"new EventSource(", `addEventListener("` + closeEventType + `"`, "/demo/stats"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("page does not contain %q", want)
+		}
+	}
+	if open := demo.upstreamOpen(t); open != 0 {
+		t.Fatalf("upstream has %d open connections before any stream", open)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, demo.pageURL+"events?client=test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A client that reconnects after event 41. The legacy upstream must
+	// receive the header through the gateway, and ignores it.
+	req.Header.Set("Last-Event-ID", "41")
+	streamResp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("opening the stream: %v", err)
+	}
+	defer streamResp.Body.Close()
+	if streamResp.StatusCode != http.StatusOK {
+		t.Fatalf("stream status %d", streamResp.StatusCode)
+	}
+	for header, want := range map[string]string{
+		"Content-Type":      "text/event-stream",
+		"Cache-Control":     "no-cache",
+		"X-Accel-Buffering": "no",
+	} {
+		if got := streamResp.Header.Get(header); got != want {
+			t.Errorf("stream header %s = %q, want %q", header, got, want)
+		}
+	}
+	if streamResp.ContentLength != -1 {
+		t.Errorf("stream has Content-Length %d", streamResp.ContentLength)
+	}
+	lines := readLines(streamResp.Body)
+
+	// Events arrive as the upstream sends them, one per second.
+	first := lines.waitFor(t, "the first event's data", 1*time.Second+slack, func(l string) bool { return strings.HasPrefix(l, "data: ") })
+	var tick tickEvent
+	if err := json.Unmarshal([]byte(strings.TrimPrefix(first, "data: ")), &tick); err != nil {
+		t.Fatalf("first event data %q: %v", first, err)
+	}
+	if tick.N != 1 || tick.LastEventID != "41" || tick.Honoured {
+		t.Errorf("first event %+v: want n=1 from a legacy upstream that received Last-Event-ID 41 and ignored it", tick)
+	}
+	lines.waitFor(t, "the second event's id", 1*time.Second+slack, func(l string) bool { return l == "id: 2" })
+	if open := demo.upstreamOpen(t); open != 1 {
+		t.Errorf("upstream reports %d open connections during one stream, want 1", open)
+	}
+
+	// A quiet upstream: the gateway keeps the connection alive with
+	// comments, then ends the stream after idle_timeout with its close
+	// sequence: retry hint, close event with the reason, end of body.
+	postQuiet(t, demo.pageURL, "10s")
+	lines.waitFor(t, "a heartbeat comment", heartbeatInterval+slack, func(l string) bool { return strings.HasPrefix(l, ":") })
+	lines.waitFor(t, "the retry hint", idleTimeout+slack, func(l string) bool { return l == "retry: "+retryMillis })
+	lines.expectNext(t, "event: "+closeEventType, slack)
+	lines.expectNext(t, "data: idle_timeout", slack)
+	lines.expectNext(t, "", slack)
+	lines.expectEnd(t, slack)
+
+	// The gateway tore the upstream connection down with the stream.
+	demo.waitUpstreamOpen(t, 0, 2*time.Second)
+	if log := demo.out.String(); !strings.Contains(log, "noticed it is gone") {
+		t.Errorf("the upstream did not log noticing the closed connection:\n%s", log)
+	}
+}
+
+// TestDemoPageInHeadlessChromium drives the page in headless Chromium: events
+// render, the raw tap counts heartbeats, the gateway's idle close shows with
+// its reason, the browser reconnects and the upstream receives its
+// Last-Event-ID; a screenshot is taken, and closing the tab brings the
+// upstream's open connections back to 0.
+func TestDemoPageInHeadlessChromium(t *testing.T) {
+	browser := findChromium(t)
+	demo := startDemo(t)
+
+	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
+		chromedp.ExecPath(browser),
+		chromedp.Headless,
+		chromedp.NoSandbox,
+		chromedp.DisableGPU,
+		chromedp.NoFirstRun,
+		chromedp.NoDefaultBrowserCheck,
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("disable-dev-shm-usage", true),
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.WindowSize(1200, 860),
+	)
+	defer cancelAlloc()
+	browserCtx, cancelBrowser := chromedp.NewContext(allocCtx)
+	defer cancelBrowser()
+	// Start the browser with its first tab, then open the page in a tab of
+	// its own, so that closing it later leaves the browser running.
+	if err := chromedp.Do(browserCtx); err != nil {
+		t.Fatalf("starting %s: %v", browser, err)
+	}
+	tabCtx, closeTab := chromedp.NewContext(browserCtx)
+	defer closeTab()
+	if err := chromedp.Do(tabCtx); err != nil {
+		t.Fatalf("opening a tab: %v", err)
+	}
+	// Every step below is bounded by this deadline on top of its own.
+	tabCtx, cancelTimeout := context.WithTimeout(tabCtx, 90*time.Second)
+	defer cancelTimeout()
+
+	if err := chromedp.Do(tabCtx, chromedp.Navigate(demo.pageURL)); err != nil {
+		t.Fatalf("opening %s: %v", demo.pageURL, err)
+	}
+	// The EventSource and the raw tap each hold one upstream connection.
+	waitForPage(t, tabCtx, "two events and two upstream connections", 2*time.Second+slack, func(s pageState) bool {
+		return s.Events >= 2 && s.UpstreamOpen != nil && *s.UpstreamOpen == 2
+	})
+
+	if err := chromedp.Do(tabCtx, chromedp.Click(chromedp.ID("silence"))); err != nil {
+		t.Fatal(err)
+	}
+	closed := waitForPage(t, tabCtx, "a heartbeat and an idle_timeout close", idleTimeout+slack, func(s pageState) bool {
+		return s.Heartbeats >= 1 && len(s.Closes) >= 1
+	})
+	if closed.Closes[0].Reason != "idle_timeout" {
+		t.Errorf("the page shows a close with reason %q, want idle_timeout", closed.Closes[0].Reason)
+	}
+	// After the retry hint the browser reconnects with Last-Event-ID; the
+	// upstream reports what it received once it sends again (10s of
+	// silence in all).
+	reconnected := waitForPage(t, tabCtx, "a reconnect the upstream has seen", 10*time.Second+slack, func(s pageState) bool {
+		return len(s.Reconnects) >= 1
+	})
+	r := reconnected.Reconnects[0]
+	if r.SentLastEventID == "" || r.UpstreamReceived != r.SentLastEventID || r.Honoured {
+		t.Errorf("reconnect %+v: want the browser's Last-Event-ID to reach the upstream, which ignores it", r)
+	}
+
+	text, err := chromedp.Run(tabCtx, chromedp.Text(chromedp.CSS("body")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"gateway closed the stream: idle_timeout",
+		"the browser sent Last-Event-ID: " + r.SentLastEventID,
+		"received Last-Event-ID: " + r.SentLastEventID + " and ignored it",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("the page does not show %q", want)
+		}
+	}
+
+	shot, err := chromedp.Run(tabCtx, chromedp.CaptureScreenshot())
+	if err != nil {
+		t.Fatalf("screenshot: %v", err)
+	}
+	if _, err := png.Decode(bytes.NewReader(shot)); err != nil {
+		t.Fatalf("the screenshot is not a PNG: %v", err)
+	}
+	if *screenshotPath != "" {
+		if err := os.WriteFile(*screenshotPath, shot, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("screenshot written to %s (%d bytes)", *screenshotPath, len(shot))
+	}
+
+	// Closing the tab closes both of its streams; the gateway must tear
+	// both upstream connections down at once.
+	closeTab()
+	demo.waitUpstreamOpen(t, 0, 2*time.Second)
+}
+
+// runningDemo is a demo started by startDemo.
+type runningDemo struct {
+	pageURL string
+	out     *syncBuffer
+}
+
+// startDemo runs the demo on free loopback ports until the test ends.
+func startDemo(t *testing.T) *runningDemo {
+	t.Helper()
+	out := &syncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan string, 1)
+	done := make(chan error, 1)
+	cfg := config{
+		Listen:        "127.0.0.1:0",
+		EventInterval: time.Second,
+		Out:           out,
+		Ready:         func(pageURL string) { ready <- pageURL },
+	}
+	go func() { done <- run(ctx, cfg) }()
+
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("run: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("run did not return within 10s of its context ending")
+		}
+		if t.Failed() {
+			t.Logf("demo output:\n%s", out.String())
+		}
+	})
+
+	select {
+	case pageURL := <-ready:
+		return &runningDemo{pageURL: pageURL, out: out}
+	case err := <-done:
+		t.Fatalf("run ended before the demo was ready: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the demo was not ready within 30s")
+	}
+	return nil
+}
+
+func (d *runningDemo) upstreamOpen(t *testing.T) int {
+	t.Helper()
+	resp, body := get(t, d.pageURL+"demo/stats")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("/demo/stats: status %d", resp.StatusCode)
+	}
+	var stats upstreamStats
+	if err := json.Unmarshal([]byte(body), &stats); err != nil {
+		t.Fatalf("/demo/stats: %v in %q", err, body)
+	}
+	return stats.Open
+}
+
+// waitUpstreamOpen waits until the upstream reports want open connections.
+func (d *runningDemo) waitUpstreamOpen(t *testing.T, want int, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		open := d.upstreamOpen(t)
+		if open == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the upstream still has %d open connections %s later, want %d", open, within, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func get(t *testing.T, url string) (*http.Response, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	return resp, string(body)
+}
+
+func postQuiet(t *testing.T, pageURL, quietFor string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, pageURL+"demo/quiet?for="+quietFor, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST /demo/quiet: status %d", resp.StatusCode)
+	}
+}
+
+// lineReader delivers a stream's lines as they arrive.
+type lineReader struct {
+	lines chan string
+	// err is the read error that ended the stream (nil for a clean end);
+	// it is set before lines is closed.
+	err error
+}
+
+func readLines(body io.Reader) *lineReader {
+	lr := &lineReader{lines: make(chan string, 1024)}
+	go func() {
+		defer close(lr.lines)
+		scanner := bufio.NewScanner(body)
+		for scanner.Scan() {
+			lr.lines <- scanner.Text()
+		}
+		lr.err = scanner.Err()
+	}()
+	return lr
+}
+
+// waitFor reads lines until one matches, for at most within.
+func (lr *lineReader) waitFor(t *testing.T, what string, within time.Duration, match func(string) bool) string {
+	t.Helper()
+	timeout := time.NewTimer(within)
+	defer timeout.Stop()
+	var seen []string
+	for {
+		select {
+		case line, ok := <-lr.lines:
+			if !ok {
+				t.Fatalf("the stream ended (error %v) while waiting for %s; lines read: %q", lr.err, what, seen)
+			}
+			if match(line) {
+				return line
+			}
+			seen = append(seen, line)
+		case <-timeout.C:
+			t.Fatalf("did not get %s within %s; lines read: %q", what, within, seen)
+		}
+	}
+}
+
+// expectNext checks that the very next line is want.
+func (lr *lineReader) expectNext(t *testing.T, want string, within time.Duration) {
+	t.Helper()
+	select {
+	case line, ok := <-lr.lines:
+		if !ok {
+			t.Fatalf("the stream ended (error %v) before the line %q", lr.err, want)
+		}
+		if line != want {
+			t.Fatalf("got line %q, want %q", line, want)
+		}
+	case <-time.After(within):
+		t.Fatalf("no line %q within %s", want, within)
+	}
+}
+
+// expectEnd checks that the stream ends cleanly with no further line.
+func (lr *lineReader) expectEnd(t *testing.T, within time.Duration) {
+	t.Helper()
+	select {
+	case line, ok := <-lr.lines:
+		if ok {
+			t.Fatalf("got line %q after the close sequence, want the end of the stream", line)
+		}
+		if lr.err != nil {
+			t.Fatalf("the stream ended with an error, want a clean end: %v", lr.err)
+		}
+	case <-time.After(within):
+		t.Fatalf("the stream did not end within %s of the close sequence", within)
+	}
+}
+
+// pageState mirrors window.demoState on the demo page.
+type pageState struct {
+	Events     int `json:"events"`
+	Heartbeats int `json:"heartbeats"`
+	Closes     []struct {
+		Reason string `json:"reason"`
+	} `json:"closes"`
+	Reconnects []struct {
+		SentLastEventID  string `json:"sentLastEventId"`
+		UpstreamReceived string `json:"upstreamReceived"`
+		Honoured         bool   `json:"honoured"`
+	} `json:"reconnects"`
+	LastEventID  string `json:"lastEventId"`
+	UpstreamOpen *int   `json:"upstreamOpen"`
+	ESState      string `json:"esState"`
+}
+
+// waitForPage polls the page's state until cond holds, for at most within.
+func waitForPage(t *testing.T, ctx context.Context, what string, within time.Duration, cond func(pageState) bool) pageState {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		state, err := chromedp.Run(ctx, chromedp.Evaluate[pageState](`window.demoState`))
+		if err != nil {
+			t.Fatalf("reading the page state while waiting for %s: %v", what, err)
+		}
+		if cond(state) {
+			return state
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the page did not show %s within %s; its state: %+v", what, within, state)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// findChromium returns the browser to drive. Without one, the test fails in
+// CI and is skipped on a developer's machine.
+func findChromium(t *testing.T) string {
+	t.Helper()
+	for _, name := range []string{"chromium", "chromium-browser", "google-chrome", "headless-shell"} {
+		if path, err := exec.LookPath(name); err == nil {
+			return path
+		}
+	}
+	const why = "no Chromium found in PATH (on Debian: apt-get install -y chromium)"
+	if os.Getenv("CI") == "true" {
+		t.Fatal(why)
+	}
+	t.Skip(why + "; skipping the browser test outside CI")
+	return ""
+}
+
+// syncBuffer collects the demo's output from several goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
