@@ -20,7 +20,7 @@ type eventState struct {
 	// no terminator yet).
 	lineStarted bool
 	// lastCR is true when the last byte was a CR: an LF that follows belongs
-	// to the same line terminator, so nothing may be written in between.
+	// to the same line terminator.
 	lastCR bool
 	// inEvent is true when a field line has been read since the last blank
 	// line, so a blank line written now would dispatch or reset an event.
@@ -85,21 +85,19 @@ func newEventState() eventState {
 }
 
 // atBoundary reports whether the client's parser has nothing pending, so a
-// comment and a blank line can be written without touching any event. After
-// a CR the caller must still write an LF first (see needsLF).
+// comment and a blank line can be written without touching any event.
+//
+// That holds right after a CR too. If the upstream meant an LF to follow as
+// the second half of a CRLF, the client now reads that LF as a blank line
+// after the gateway's own lines, and a blank line at a boundary dispatches
+// nothing.
 func (s *eventState) atBoundary() bool {
 	return !s.lineStarted && !s.inEvent
 }
 
-// needsLF reports whether bytes written at a boundary now must start with an
-// LF: the last byte was a CR, and an LF arriving later from the upstream
-// would otherwise be read as the second half of that CR's terminator.
-// Written first, the LF takes that role; the upstream's own LF, if it comes,
-// is then an extra blank line at a boundary, which dispatches nothing.
-func (s *eventState) needsLF() bool { return s.lastCR }
-
 // wroteAtBoundary records that the gateway wrote its own complete lines
-// (ending in LF) at a boundary.
+// (ending in LF) at a boundary, so an LF the upstream sends next is a blank
+// line of its own, as the client reads it.
 func (s *eventState) wroteAtBoundary() { s.lastCR = false }
 
 // takeBOM handles the upstream's leading byte-order mark, which a client

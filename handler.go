@@ -92,7 +92,7 @@ type Handler struct {
 	// a client that vanished without closing is noticed. Default: 10s.
 	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
 
-	heartbeatLine []byte // "\n:" + HeartbeatText + "\n\n"; the LF is sent only after a CR
+	heartbeatLine []byte // ":" + HeartbeatText + "\n\n"
 	jitter        float64
 	clock         clock
 	logger        *zap.Logger
@@ -127,7 +127,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.LifetimeJitter != nil {
 		h.jitter = *h.LifetimeJitter
 	}
-	h.heartbeatLine = []byte("\n:" + h.HeartbeatText + "\n\n")
+	h.heartbeatLine = []byte(":" + h.HeartbeatText + "\n\n")
 	h.warnEncoded = new(sync.Once)
 	if h.clock == nil {
 		h.clock = realClock{}
@@ -442,9 +442,6 @@ func (sw *streamWriter) closeLocked(reason endReason) {
 		seq = append(seq, "event: "+sw.h.CloseEvent+"\ndata: "+string(reason)+"\n"...)
 	}
 	if len(seq) > 0 {
-		if sw.state.needsLF() {
-			seq = append([]byte{'\n'}, seq...)
-		}
 		seq = append(seq, '\n')
 		if !sw.writeLocked(nil, seq) {
 			return

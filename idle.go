@@ -185,11 +185,7 @@ func (sw *streamWriter) heartbeatLocked(now time.Duration) {
 		sw.times.quietSince = now
 		return
 	}
-	line := sw.h.heartbeatLine
-	if !sw.state.needsLF() {
-		line = line[1:]
-	}
-	if sw.writeLocked(nil, line) {
+	if sw.writeLocked(nil, sw.h.heartbeatLine) {
 		sw.state.wroteAtBoundary()
 		sw.heartbeats++
 	}
