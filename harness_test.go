@@ -9,8 +9,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest/observer"
 	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // testWait bounds every wait on an event in the unit tests. Nothing waits
@@ -100,7 +100,7 @@ type streamRun struct {
 	w        *memWriter
 	upstream *scriptedUpstream
 	cancel   context.CancelFunc // the client going away
-	done     chan struct{} // closed when ServeHTTP has returned or panicked
+	done     chan struct{}      // closed when ServeHTTP has returned or panicked
 	err      error
 	panicked any
 }
@@ -178,4 +178,3 @@ func (r *streamRun) waitUpstreamGone() {
 		r.t.Fatal("upstream request was not cancelled")
 	}
 }
-
