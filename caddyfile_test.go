@@ -1,0 +1,178 @@
+package caddysse
+
+import (
+	"os"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddytest"
+)
+
+func TestUnmarshalCaddyfile(t *testing.T) {
+	half := 0.5
+	zero := 0.0
+	for _, tc := range []struct {
+		name  string
+		input string
+		want  Handler
+	}{
+		{"bare", `sse`, Handler{}},
+		{"empty block", "sse {\n}", Handler{}},
+		{"all options", `sse {
+			heartbeat 20s
+			heartbeat_text "keep alive"
+			idle_timeout 2m
+			max_lifetime 1h
+			lifetime_jitter 0.5
+			retry 1500ms
+			close_event bye
+			close_grace 3s
+			write_timeout 30s
+		}`, Handler{
+			Heartbeat:      caddy.Duration(20 * time.Second),
+			HeartbeatText:  "keep alive",
+			IdleTimeout:    caddy.Duration(2 * time.Minute),
+			MaxLifetime:    caddy.Duration(time.Hour),
+			LifetimeJitter: &half,
+			Retry:          caddy.Duration(1500 * time.Millisecond),
+			CloseEvent:     "bye",
+			CloseGrace:     caddy.Duration(3 * time.Second),
+			WriteTimeout:   caddy.Duration(30 * time.Second),
+		}},
+		{"heartbeat off", "sse {\nheartbeat off\n}", Handler{Heartbeat: -1}},
+		{"zero jitter", "sse {\nlifetime_jitter 0\n}", Handler{LifetimeJitter: &zero}},
+		{"days", "sse {\nmax_lifetime 1d\n}", Handler{MaxLifetime: caddy.Duration(24 * time.Hour)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got Handler
+			if err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("got %+v\nwant %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestUnmarshalCaddyfileErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, input string
+		// want are substrings the error must contain: the option and the
+		// line it is on.
+		want []string
+	}{
+		{"stray argument", "sse extra", []string{"Testfile:1"}},
+		{"unknown option", "sse {\n  heartbeat 1s\n  hartbeat 2s\n}", []string{"hartbeat", "Testfile:3"}},
+		{"duplicate", "sse {\n  retry 1s\n  retry 2s\n}", []string{"retry", "more than once", "Testfile:3"}},
+		{"missing value", "sse {\n  idle_timeout\n}", []string{"Testfile:2"}},
+		{"extra value", "sse {\n  idle_timeout 1s 2s\n}", []string{"Testfile:2"}},
+		{"unparsable duration", "sse {\n  max_lifetime soon\n}", []string{"max_lifetime", "soon", "Testfile:2"}},
+		{"negative duration", "sse {\n  write_timeout -1s\n}", []string{"write_timeout", "negative", "Testfile:2"}},
+		{"negative heartbeat", "sse {\n  heartbeat -5s\n}", []string{"heartbeat", "negative", "Testfile:2"}},
+		{"jitter too big", "sse {\n\n  lifetime_jitter 1.5\n}", []string{"lifetime_jitter", "Testfile:3"}},
+		{"jitter negative", "sse {\n  lifetime_jitter -0.1\n}", []string{"lifetime_jitter", "Testfile:2"}},
+		{"jitter not a number", "sse {\n  lifetime_jitter lots\n}", []string{"lifetime_jitter", "Testfile:2"}},
+		{"newline in close_event", "sse {\n  close_event \"a\nb\"\n}", []string{"close_event", "CR or LF"}},
+		{"cr in heartbeat_text", "sse {\n  heartbeat_text \"a\rb\"\n}", []string{"heartbeat_text", "CR or LF", "Testfile:2"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if err == nil {
+				t.Fatalf("no error for %q", tc.input)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+// TestValidateJSON checks that JSON configs, which bypass the Caddyfile
+// parser, are refused for the same values.
+func TestValidateJSON(t *testing.T) {
+	big, nan := 2.0, -0.5
+	for _, tc := range []struct {
+		name string
+		h    Handler
+		want string
+	}{
+		{"negative idle", Handler{IdleTimeout: -1}, "idle_timeout"},
+		{"negative lifetime", Handler{MaxLifetime: -1}, "max_lifetime"},
+		{"negative retry", Handler{Retry: -1}, "retry"},
+		{"negative grace", Handler{CloseGrace: -1}, "close_grace"},
+		{"negative write timeout", Handler{WriteTimeout: -1}, "write_timeout"},
+		{"jitter over 1", Handler{LifetimeJitter: &big}, "lifetime_jitter"},
+		{"jitter under 0", Handler{LifetimeJitter: &nan}, "lifetime_jitter"},
+		{"newline in heartbeat text", Handler{HeartbeatText: "a\nb"}, "heartbeat_text"},
+		{"cr in close event", Handler{CloseEvent: "a\rb"}, "close_event"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.h.Validate()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Validate() = %v, want an error about %s", err, tc.want)
+			}
+		})
+	}
+	if err := (&Handler{Heartbeat: -1}).Validate(); err != nil {
+		t.Fatalf("a negative heartbeat means off, got %v", err)
+	}
+}
+
+// TestAdaptCaddyfileExample pins the JSON that Caddyfile.example adapts to,
+// including the directive's place before reverse_proxy.
+func TestAdaptCaddyfileExample(t *testing.T) {
+	input, err := os.ReadFile("Caddyfile.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile("testdata/Caddyfile.example.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caddytest.AssertAdapt(t, string(input), "caddyfile", strings.TrimSpace(string(want)))
+}
+
+func TestDirectiveOrderBeforeReverseProxy(t *testing.T) {
+	// Written after reverse_proxy, sse must still wrap it.
+	caddytest.AssertAdapt(t, `:8080 {
+	reverse_proxy 127.0.0.1:9
+	sse
+}`, "caddyfile", `{
+	"apps": {
+		"http": {
+			"servers": {
+				"srv0": {
+					"listen": [
+						":8080"
+					],
+					"routes": [
+						{
+							"handle": [
+								{
+									"handler": "sse"
+								},
+								{
+									"handler": "reverse_proxy",
+									"upstreams": [
+										{
+											"dial": "127.0.0.1:9"
+										}
+									]
+								}
+							]
+						}
+					]
+				}
+			}
+		}
+	}
+}`)
+}
