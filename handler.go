@@ -169,8 +169,9 @@ func (h *Handler) Validate() error {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	// The gateway must read the upstream's events to find their boundaries,
 	// so the upstream has to answer uncompressed; `encode` can still
-	// compress toward the client.
-	r.Header.Del("Accept-Encoding")
+	// compress toward the client. Removing the header would not do: Go's
+	// transport then asks for gzip on its own.
+	r.Header.Set("Accept-Encoding", "identity")
 
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(nil)

@@ -1,0 +1,575 @@
+package caddysse
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddytest"
+
+	"github.com/ssegateway/caddy-sse/internal/ssespec"
+)
+
+// These tests run a real Caddy in-process (caddytest, admin on
+// localhost:2999) with the real reverse_proxy in front of a real upstream
+// on loopback. Every wait is bounded by e2eWait.
+
+const (
+	e2eWait = 10 * time.Second
+	e2eHost = "http://localhost:29080"
+)
+
+// upstream is a legacy SSE server: it streams what the test tells it to and
+// never ends a response by itself. It records every request it gets and the
+// moment it sees each one end.
+type upstream struct {
+	srv      *httptest.Server
+	requests chan *upstreamRequest
+}
+
+type upstreamRequest struct {
+	r      *http.Request
+	writes chan string
+	gone   chan struct{} // closed when the request's context ended
+	goneAt time.Time
+}
+
+func newUpstream(t *testing.T) *upstream {
+	u := &upstream{requests: make(chan *upstreamRequest, 100)}
+	u.srv = httptest.NewServer(http.HandlerFunc(u.serve))
+	t.Cleanup(u.srv.Close)
+	return u
+}
+
+func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Query().Get("kind") {
+	case "json":
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"ok": true}` + "\n"))
+		return
+	case "flood":
+		w.Header().Set("Content-Type", "text/event-stream")
+		chunk := []byte("data: " + strings.Repeat("x", 64<<10) + "\n\n")
+		req := u.track(r)
+		defer u.markGone(req)
+		for i := 0; i < 10_000 && r.Context().Err() == nil; i++ {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+			http.NewResponseController(w).Flush()
+		}
+		<-r.Context().Done()
+		return
+	}
+	w.Header().Set("Content-Type", "text/event-stream")
+	var out io.Writer = w
+	var gz *gzip.Writer
+	if r.URL.Query().Get("kind") == "gzip" {
+		// A legacy server that compresses whatever the request says.
+		w.Header().Set("Content-Encoding", "gzip")
+		gz = gzip.NewWriter(w)
+		out = gz
+	}
+	w.WriteHeader(http.StatusOK)
+	http.NewResponseController(w).Flush()
+	req := u.track(r)
+	defer u.markGone(req)
+	for {
+		select {
+		case s := <-req.writes:
+			io.WriteString(out, s)
+			if gz != nil {
+				gz.Flush()
+			}
+			http.NewResponseController(w).Flush()
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+func (u *upstream) track(r *http.Request) *upstreamRequest {
+	req := &upstreamRequest{r: r, writes: make(chan string), gone: make(chan struct{})}
+	u.requests <- req
+	return req
+}
+
+func (u *upstream) markGone(req *upstreamRequest) {
+	req.goneAt = time.Now()
+	close(req.gone)
+}
+
+// next returns the next request the upstream received.
+func (u *upstream) next(t *testing.T) *upstreamRequest {
+	t.Helper()
+	select {
+	case req := <-u.requests:
+		return req
+	case <-time.After(e2eWait):
+		t.Fatal("upstream got no request")
+	}
+	return nil
+}
+
+func (req *upstreamRequest) send(t *testing.T, s string) {
+	t.Helper()
+	select {
+	case req.writes <- s:
+	case <-req.gone:
+		t.Fatalf("upstream request already ended; could not send %q", s)
+	case <-time.After(e2eWait):
+		t.Fatal("upstream did not take the write")
+	}
+}
+
+func (req *upstreamRequest) waitGone(t *testing.T) time.Time {
+	t.Helper()
+	select {
+	case <-req.gone:
+		return req.goneAt
+	case <-time.After(e2eWait):
+		t.Fatal("upstream request was not cancelled")
+	}
+	return time.Time{}
+}
+
+// startCaddy loads a config whose site on e2eHost fronts the upstream with
+// the sse handlers below.
+func startCaddy(t *testing.T, up *upstream) {
+	t.Helper()
+	if os.Getenv("CI") != "" {
+		t.Cleanup(func() {
+			if t.Skipped() {
+				t.Error("caddytest could not start Caddy; in CI that is a failure")
+			}
+		})
+	}
+	tester := caddytest.NewTester(t)
+	target := strings.TrimPrefix(up.srv.URL, "http://")
+	tester.InitServer(fmt.Sprintf(`{
+	admin localhost:2999
+	http_port 29080
+	https_port 29443
+	grace_period 1s
+	skip_install_trust
+}
+http://localhost:29080 {
+	handle /heartbeat* {
+		sse {
+			heartbeat 100ms
+		}
+		reverse_proxy %[1]s
+	}
+	handle /idle* {
+		sse {
+			heartbeat 100ms
+			idle_timeout 400ms
+			retry 1s
+			close_event bye
+		}
+		reverse_proxy %[1]s
+	}
+	handle /lifetime* {
+		sse {
+			max_lifetime 500ms
+			lifetime_jitter 0
+			retry 2s
+			close_event bye
+		}
+		reverse_proxy %[1]s
+	}
+	handle /stall* {
+		sse {
+			write_timeout 500ms
+		}
+		reverse_proxy %[1]s
+	}
+	handle /encoded* {
+		encode gzip
+		sse {
+			heartbeat 100ms
+		}
+		reverse_proxy %[1]s
+	}
+	handle {
+		sse
+		reverse_proxy %[1]s
+	}
+}`, target), "caddyfile")
+}
+
+// clientStream reads a response body in the background so that tests can
+// wait for what arrives, with deadlines.
+type clientStream struct {
+	resp   *http.Response
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	body   bytes.Buffer
+	err    error // the read error that ended the body; io.EOF for a clean end
+	change chan struct{}
+}
+
+var streamClient = &http.Client{Transport: &http.Transport{DisableCompression: true}}
+
+func openStream(t *testing.T, path string, header ...string) *clientStream {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e2eHost+path, nil)
+	req.Header.Set("Accept", "text/event-stream")
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := streamClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	s := &clientStream{resp: resp, cancel: cancel, change: make(chan struct{}, 1)}
+	go s.read(resp.Body)
+	return s
+}
+
+func (s *clientStream) read(body io.ReadCloser) {
+	defer body.Close()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := body.Read(buf)
+		s.mu.Lock()
+		s.body.Write(buf[:n])
+		if err != nil {
+			s.err = err
+		}
+		s.mu.Unlock()
+		select {
+		case s.change <- struct{}{}:
+		default:
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (s *clientStream) snapshot() (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.body.String(), s.err
+}
+
+// waitFor waits until the body contains want.
+func (s *clientStream) waitFor(t *testing.T, want string) string {
+	t.Helper()
+	deadline := time.After(e2eWait)
+	for {
+		body, err := s.snapshot()
+		if strings.Contains(body, want) {
+			return body
+		}
+		if err != nil {
+			t.Fatalf("body ended (%v) without %q; got %q", err, want, body)
+		}
+		select {
+		case <-s.change:
+		case <-deadline:
+			t.Fatalf("no %q within %s; got %q", want, e2eWait, body)
+		}
+	}
+}
+
+// waitEnd waits for the body to end and returns it with the read error.
+func (s *clientStream) waitEnd(t *testing.T) (string, error) {
+	t.Helper()
+	deadline := time.After(e2eWait)
+	for {
+		body, err := s.snapshot()
+		if err != nil {
+			return body, err
+		}
+		select {
+		case <-s.change:
+		case <-deadline:
+			t.Fatalf("body did not end within %s; got %q", e2eWait, body)
+		}
+	}
+}
+
+// checkNoStreamGoroutines fails if any goroutine of this module is left,
+// such as a timer callback of a stream that ended.
+func checkNoStreamGoroutines(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(e2eWait)
+	for {
+		buf := make([]byte, 1<<20)
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		var left []string
+		for _, g := range strings.Split(stacks, "\n\n") {
+			if strings.Contains(g, "caddy-sse.(*streamWriter)") || strings.Contains(g, "caddy-sse.(*Handler)") {
+				left = append(left, g)
+			}
+		}
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines of the module outlived their streams:\n%s", len(left), strings.Join(left, "\n\n"))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestE2E(t *testing.T) {
+	up := newUpstream(t)
+	startCaddy(t, up)
+
+	t.Run("headers and events flushed at once", func(t *testing.T) {
+		s := openStream(t, "/events", "Accept-Encoding", "gzip")
+		// The client has the response header before any event was sent.
+		req := up.next(t)
+		if got := req.r.Header.Get("Accept-Encoding"); got != "identity" {
+			t.Errorf("upstream got Accept-Encoding %q, want identity", got)
+		}
+		for k, want := range map[string]string{"Content-Type": "text/event-stream", "X-Accel-Buffering": "no", "Cache-Control": "no-cache"} {
+			if got := s.resp.Header.Get(k); got != want {
+				t.Errorf("%s = %q, want %q", k, got, want)
+			}
+		}
+		var latencies []time.Duration
+		for i := range 20 {
+			event := fmt.Sprintf("id: %d\ndata: event %d\n\n", i, i)
+			sent := time.Now()
+			req.send(t, event)
+			s.waitFor(t, event)
+			latencies = append(latencies, time.Since(sent))
+		}
+		slices.Sort(latencies)
+		t.Logf("upstream write to client read: p50 %v, max %v", latencies[len(latencies)/2], latencies[len(latencies)-1])
+		s.cancel()
+		req.waitGone(t)
+	})
+
+	t.Run("heartbeats while quiet", func(t *testing.T) {
+		s := openStream(t, "/heartbeat")
+		req := up.next(t)
+		s.waitFor(t, ":\n\n")
+		req.send(t, "data: a\n")
+		req.send(t, "data: b\n\n")
+		body := s.waitFor(t, "data: b\n\n:\n\n")
+		parsed := ssespec.Parse([]byte(body))
+		if len(parsed.Events) != 1 || parsed.Events[0].Data != "a\nb" {
+			t.Fatalf("events %+v from %q", parsed.Events, body)
+		}
+		s.cancel()
+		req.waitGone(t)
+	})
+
+	t.Run("idle timeout closes cleanly", func(t *testing.T) {
+		s := openStream(t, "/idle")
+		req := up.next(t)
+		req.send(t, "id: 7\ndata: hello\n\n")
+		body, err := s.waitEnd(t)
+		if err != io.EOF {
+			t.Fatalf("body ended with %v, want a clean end", err)
+		}
+		req.waitGone(t)
+		if !strings.HasPrefix(body, "id: 7\ndata: hello\n\n") || !strings.HasSuffix(body, "retry: 1000\nevent: bye\ndata: idle_timeout\n\n") {
+			t.Fatalf("body %q", body)
+		}
+	})
+
+	t.Run("max lifetime closes at a boundary", func(t *testing.T) {
+		s := openStream(t, "/lifetime")
+		req := up.next(t)
+		sent := 0
+		for ; sent < 200; sent++ {
+			select {
+			case req.writes <- fmt.Sprintf("id: %d\ndata: part one\n", sent):
+			case <-req.gone:
+			}
+			select {
+			case req.writes <- "data: part two\n\n":
+				continue
+			case <-req.gone:
+			}
+			break
+		}
+		body, err := s.waitEnd(t)
+		if err != io.EOF {
+			t.Fatalf("body ended with %v, want a clean end", err)
+		}
+		parsed := ssespec.Parse([]byte(body))
+		if n := len(parsed.Events); n < 2 || parsed.Events[n-1].Type != "bye" || parsed.Events[n-1].Data != "max_lifetime" {
+			t.Fatalf("last event is not the close event: %+v", parsed.Events)
+		}
+		for i, e := range parsed.Events[:len(parsed.Events)-1] {
+			if e.Data != "part one\npart two" || e.LastEventID != fmt.Sprint(i) {
+				t.Fatalf("event %d damaged: %+v", i, e)
+			}
+		}
+		if !slices.Equal(parsed.Retries, []int64{2000}) {
+			t.Fatalf("retries %v", parsed.Retries)
+		}
+	})
+
+	t.Run("client close tears down the upstream", func(t *testing.T) {
+		var teardown []time.Duration
+		for range 30 {
+			s := openStream(t, "/events")
+			req := up.next(t)
+			req.send(t, "data: x\n\n")
+			s.waitFor(t, "data: x\n\n")
+			closed := time.Now()
+			s.cancel()
+			teardown = append(teardown, req.waitGone(t).Sub(closed))
+		}
+		slices.Sort(teardown)
+		p50, p99 := teardown[len(teardown)/2], teardown[len(teardown)*99/100]
+		t.Logf("client close to upstream close: p50 %v, p99 %v", p50, p99)
+		if p99 > 100*time.Millisecond {
+			t.Fatalf("upstream saw the client leave after %v at p99, want ≤ 100ms", p99)
+		}
+	})
+
+	t.Run("stalled client torn down", func(t *testing.T) {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(e2eHost, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.(*net.TCPConn).SetReadBuffer(4096)
+		fmt.Fprintf(conn, "GET /stall?kind=flood HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
+		req := up.next(t)
+		start := time.Now()
+		// The client reads nothing: Caddy's writes fill the socket, miss the
+		// write deadline, and the upstream must be cancelled.
+		took := req.waitGone(t).Sub(start)
+		t.Logf("stalled client: upstream cancelled %v after the request (write_timeout 500ms)", took)
+		if took > 3*time.Second {
+			t.Fatalf("stalled client held its upstream for %v with write_timeout 500ms", took)
+		}
+	})
+
+	t.Run("non-stream responses pass through", func(t *testing.T) {
+		resp, err := streamClient.Get(e2eHost + "/events?kind=json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(body) != `{"ok": true}`+"\n" || resp.Header.Get("X-Accel-Buffering") != "" || resp.Header.Get("Content-Type") != "application/json" {
+			t.Fatalf("changed: %q %v", body, resp.Header)
+		}
+	})
+
+	t.Run("compressed upstream passes through untouched", func(t *testing.T) {
+		s := openStream(t, "/heartbeat?kind=gzip")
+		req := up.next(t)
+		if s.resp.Header.Get("Content-Encoding") != "gzip" {
+			t.Fatalf("Content-Encoding %q", s.resp.Header.Get("Content-Encoding"))
+		}
+		req.send(t, "data: one\n\n")
+		// Let three heartbeat periods pass, as a plain stream on the same
+		// route shows; none may be injected into the compressed bytes.
+		control := openStream(t, "/heartbeat")
+		controlReq := up.next(t)
+		control.waitFor(t, ":\n\n:\n\n:\n\n")
+		control.cancel()
+		controlReq.waitGone(t)
+		req.send(t, "data: two\n\n")
+		deadline := time.Now().Add(e2eWait)
+		for {
+			raw, _ := s.snapshot()
+			zr, err := gzip.NewReader(strings.NewReader(raw))
+			if err == nil {
+				plain, _ := io.ReadAll(zr)
+				if string(plain) == "data: one\n\ndata: two\n\n" {
+					break
+				}
+				if len(plain) > len("data: one\n\ndata: two\n\n") || time.Now().After(deadline) {
+					t.Fatalf("decompressed stream %q", plain)
+				}
+			}
+			select {
+			case <-s.change:
+			case <-time.After(e2eWait):
+				t.Fatal("no data")
+			}
+		}
+		s.cancel()
+		req.waitGone(t)
+	})
+
+	t.Run("under encode", func(t *testing.T) {
+		s := openStream(t, "/encoded", "Accept-Encoding", "gzip")
+		req := up.next(t)
+		if s.resp.Header.Get("Content-Encoding") != "gzip" {
+			t.Fatalf("encode did not compress: %v", s.resp.Header)
+		}
+		zr, err := gzip.NewReader(&lockedReader{s: s})
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := bufio.NewReader(zr)
+		// Heartbeats and events reach the client through the compressor at once.
+		readLine := func() string {
+			line, err := lines.ReadString('\n')
+			if err != nil {
+				t.Fatalf("reading decompressed stream: %v", err)
+			}
+			return line
+		}
+		if got := readLine() + readLine(); got != ":\n\n" {
+			t.Fatalf("first lines %q, want a heartbeat", got)
+		}
+		req.send(t, "data: compressed\n\n")
+		for {
+			if line := readLine(); line == "data: compressed\n" {
+				break
+			}
+		}
+		s.cancel()
+		req.waitGone(t)
+	})
+
+	checkNoStreamGoroutines(t)
+}
+
+// lockedReader reads a clientStream's body as it arrives, waiting (bounded)
+// for more.
+type lockedReader struct {
+	s   *clientStream
+	off int
+}
+
+func (r *lockedReader) Read(p []byte) (int, error) {
+	deadline := time.After(e2eWait)
+	for {
+		body, err := r.s.snapshot()
+		if r.off < len(body) {
+			n := copy(p, body[r.off:])
+			r.off += n
+			return n, nil
+		}
+		if err != nil {
+			return 0, err
+		}
+		select {
+		case <-r.s.change:
+		case <-deadline:
+			return 0, fmt.Errorf("no data within %s", e2eWait)
+		}
+	}
+}
