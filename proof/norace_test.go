@@ -1,0 +1,6 @@
+//go:build !race
+
+package proof
+
+// raceEnabled tells the report whether the race detector was on.
+const raceEnabled = false
