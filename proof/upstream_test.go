@@ -27,7 +27,7 @@ type upstream struct {
 	changed   chan struct{} // closed and replaced whenever something below changes
 	behaviors map[string]behavior
 	requests  []*upstreamRequest
-	open      int                          // requests whose context has not ended
+	open      int                         // requests whose context has not ended
 	conns     map[net.Conn]http.ConnState // connections not yet closed
 	nextKey   int
 }
