@@ -1,0 +1,270 @@
+package proof
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// floodBehavior sends 16 KiB events as fast as the connection takes them,
+// until it is closed.
+func floodBehavior(w http.ResponseWriter, r *http.Request, req *upstreamRequest) {
+	if startEventStream(w, req) != nil {
+		return
+	}
+	event := []byte("data: " + strings.Repeat("x", 16<<10) + "\n\n")
+	for req.writeFlush(w, event) == nil {
+	}
+}
+
+// TestStalledClient connects a raw TCP client with a tiny receive window
+// that never reads while the upstream floods it: the gateway's writes
+// block, and the write deadline must tear the stream and its upstream
+// down, without the gateway holding the unsent data.
+func TestStalledClient(t *testing.T) {
+	const writeTimeout = 2 * time.Second
+	rec := report.start(t, "stalled")
+	up := newUpstream(t)
+	up.handle("flood", floodBehavior)
+	g := startGateway(t, up, gatewayConfig{profiles: map[string]profile{
+		"stall": {sse: fmt.Sprintf("heartbeat 200ms\nwrite_timeout %s", writeTimeout)},
+	}})
+	baseline := liveHeap()
+
+	const clients = 5
+	dialer := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		cerr := c.Control(func(fd uintptr) {
+			err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096)
+		})
+		if cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	var reqs []*upstreamRequest
+	for range clients {
+		conn, err := dialer.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(g.httpPort)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		key := up.key("stall")
+		fmt.Fprintf(conn, "GET /p/stall/flood?k=%s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n", key)
+		reqs = append(reqs, up.request(t, key, 1, 5*time.Second))
+	}
+
+	// The flood fills every buffer on the way within milliseconds; then the
+	// upstreams' writes block. Measure the gateway's heap while stalled.
+	stalled := func() bool {
+		for _, req := range reqs {
+			last := req.lastWrite.Load()
+			if !req.hasEnded() && (last == 0 || time.Since(time.Unix(0, last)) < 300*time.Millisecond) {
+				return false
+			}
+		}
+		return true
+	}
+	waitUntil(t, "the upstreams' writes to block", 10*time.Second, stalled)
+	if !reqs[0].hasEnded() {
+		growth := int64(liveHeap()) - int64(baseline)
+		if growth > 2<<20 {
+			t.Errorf("the live heap grew by %d KiB while %d clients were stalled; the gateway seems to buffer", growth>>10, clients)
+		}
+		rec.figure("live heap %+d KiB while %d clients were stalled", growth>>10, clients)
+	}
+
+	for _, req := range reqs {
+		endedAt := req.waitEnded(t, writeTimeout+5*time.Second)
+		d := endedAt.Sub(time.Unix(0, req.lastWrite.Load()))
+		if d > writeTimeout+slack {
+			t.Errorf("an upstream's connection ended %s after its last successful write, want at most write_timeout %s + %s", d, writeTimeout, slack)
+		}
+		rec.teardown(d)
+	}
+	ends := g.waitStreamEnds(t, clients, 2*time.Second)
+	var sent int64
+	for _, e := range ends {
+		if e.Reason != "write_timeout" {
+			t.Errorf("the gateway logged an end as %q, want write_timeout", e.Reason)
+		}
+		sent += e.Bytes
+	}
+	rec.figure("write_timeout %s; all %d ends logged as write_timeout; %.1f MiB per client reached its socket before it stalled",
+		writeTimeout, clients, float64(sent)/clients/(1<<20))
+	up.waitQuiet(t, 5*time.Second)
+	waitNoModuleGoroutines(t, 5*time.Second)
+}
+
+// TestHalfOpenClient puts the client in a network namespace of its own,
+// joined to this one by a veth pair, and takes the client's side of the
+// link down mid-stream: the client neither reads nor closes nor resets,
+// it is simply gone. Heartbeats then stay unacknowledged, and
+// TCP_USER_TIMEOUT (set by the handler to write_timeout) must end the
+// connection, and the upstream with it, within heartbeat + write_timeout.
+func TestHalfOpenClient(t *testing.T) {
+	const heartbeat, writeTimeout = 500 * time.Millisecond, time.Second
+	rec := report.start(t, "half-open")
+	if os.Geteuid() != 0 {
+		requireTool(t, "the half-open test needs root to create a network namespace")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		requireTool(t, "the half-open test needs iproute2's ip command: %v", err)
+	}
+	link := newVethNamespace(t)
+
+	up := newUpstream(t)
+	g := startGateway(t, up, gatewayConfig{
+		profiles: map[string]profile{
+			"halfopen": {sse: fmt.Sprintf("heartbeat %s\nwrite_timeout %s", heartbeat, writeTimeout)},
+		},
+		extraBind: link.hostAddr,
+	})
+	transport := &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return dialInNamespace(link.nsPath, network, addr)
+		},
+	}
+	client := newHTTPClient(t, transport)
+	const clients = 5
+	var streams []*clientStream
+	var reqs []*upstreamRequest
+	for i := range clients {
+		key := up.key("halfopen")
+		url := fmt.Sprintf("http://%s/p/halfopen/push?k=%s", net.JoinHostPort(link.hostAddr, strconv.Itoa(g.httpPort)), key)
+		s := openStream(t, client, url, nil)
+		req := up.request(t, key, 1, 5*time.Second)
+		req.send(t, fmt.Sprintf("id: %d\ndata: hello from across the veth\n\n", i))
+		s.waitContains(t, "data: hello from across the veth\n\n", 0, 2*time.Second)
+		streams, reqs = append(streams, s), append(reqs, req)
+	}
+	// A heartbeat on each, to see the path works both ways before cutting it.
+	for _, s := range streams {
+		s.waitContains(t, "\n:\n\n", 0, heartbeat+slack)
+	}
+
+	down := time.Now()
+	link.run(t, "ip", "-n", link.ns, "link", "set", link.nsDev, "down")
+	bound := heartbeat + writeTimeout + slack
+	for _, req := range reqs {
+		d := req.waitEnded(t, bound+5*time.Second).Sub(down)
+		if d > bound {
+			t.Errorf("an upstream's connection ended %s after the client's link went down, want at most heartbeat %s + write_timeout %s + %s",
+				d, heartbeat, writeTimeout, slack)
+		}
+		rec.teardown(d)
+	}
+	reasons := map[string]int{}
+	for _, e := range g.waitStreamEnds(t, clients, 2*time.Second) {
+		reasons[e.Reason]++
+	}
+	rec.figure("%d clients, heartbeat %s, write_timeout %s; logged reasons %v", clients, heartbeat, writeTimeout, reasons)
+	up.waitQuiet(t, 5*time.Second)
+	waitNoModuleGoroutines(t, 5*time.Second)
+}
+
+// vethNamespace is a network namespace joined to this one by a veth pair,
+// with a /30 of 10.x addresses used only on that pair.
+type vethNamespace struct {
+	ns, nsPath       string
+	hostDev, nsDev   string
+	hostAddr, nsAddr string
+}
+
+// newVethNamespace creates the namespace and the pair, removed when the
+// test ends.
+func newVethNamespace(t *testing.T) *vethNamespace {
+	t.Helper()
+	var r [2]byte
+	if _, err := rand.Read(r[:]); err != nil {
+		t.Fatal(err)
+	}
+	suffix := fmt.Sprintf("%02x%02x", r[0], r[1])
+	third := 1 + int(r[0])%254
+	l := &vethNamespace{
+		ns:       "sseproof" + suffix,
+		hostDev:  "sspr" + suffix + "h",
+		nsDev:    "sspr" + suffix + "n",
+		hostAddr: fmt.Sprintf("10.213.%d.1", third),
+		nsAddr:   fmt.Sprintf("10.213.%d.2", third),
+	}
+	l.nsPath = "/var/run/netns/" + l.ns
+	if out, err := exec.Command("ip", "netns", "add", l.ns).CombinedOutput(); err != nil {
+		requireTool(t, "cannot create a network namespace: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		// Deleting the namespace destroys the veth end in it, and so its
+		// peer; the explicit delete covers a failure half-way.
+		_ = exec.Command("ip", "netns", "del", l.ns).Run()
+		_ = exec.Command("ip", "link", "del", l.hostDev).Run()
+	})
+	l.run(t, "ip", "link", "add", l.hostDev, "type", "veth", "peer", "name", l.nsDev)
+	l.run(t, "ip", "link", "set", l.nsDev, "netns", l.ns)
+	l.run(t, "ip", "addr", "add", l.hostAddr+"/30", "dev", l.hostDev)
+	l.run(t, "ip", "link", "set", l.hostDev, "up")
+	l.run(t, "ip", "-n", l.ns, "addr", "add", l.nsAddr+"/30", "dev", l.nsDev)
+	l.run(t, "ip", "-n", l.ns, "link", "set", l.nsDev, "up")
+	l.run(t, "ip", "-n", l.ns, "link", "set", "lo", "up")
+	return l
+}
+
+func (l *vethNamespace) run(t *testing.T, name string, args ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+// dialInNamespace dials from inside the network namespace at nsPath: the
+// socket is created by a thread that has entered the namespace, and stays
+// in it after the thread returns to this process's namespace.
+func dialInNamespace(nsPath, network, addr string) (net.Conn, error) {
+	type result struct {
+		conn net.Conn
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		// If the thread cannot return to its namespace it stays locked,
+		// and the runtime discards it when this goroutine ends.
+		home, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			done <- result{nil, err}
+			return
+		}
+		defer home.Close()
+		target, err := os.Open(nsPath)
+		if err != nil {
+			done <- result{nil, err}
+			return
+		}
+		defer target.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			done <- result{nil, fmt.Errorf("entering %s: %w", nsPath, err)}
+			return
+		}
+		conn, err := net.DialTimeout(network, addr, 5*time.Second)
+		if unix.Setns(int(home.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		done <- result{conn, err}
+	}()
+	r := <-done
+	return r.conn, r.err
+}
