@@ -30,6 +30,10 @@ type upstream struct {
 	open      int                         // requests whose context has not ended
 	conns     map[net.Conn]http.ConnState // connections not yet closed
 	nextKey   int
+	// forget keeps requests out of requests (they are only counted in
+	// total), so that a long run does not grow the test's own heap.
+	forget bool
+	total  int
 }
 
 // behavior is what the upstream does for one request.
@@ -142,7 +146,10 @@ func (up *upstream) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	defer close(req.done)
 	up.mu.Lock()
 	b := up.behaviors[name]
-	up.requests = append(up.requests, req)
+	if !up.forget {
+		up.requests = append(up.requests, req)
+	}
+	up.total++
 	up.open++
 	up.notifyLocked()
 	up.mu.Unlock()
@@ -224,7 +231,7 @@ func (up *upstream) counts() (open, total, busy, idle int) {
 	up.mu.Lock()
 	defer up.mu.Unlock()
 	busy, idle = up.connCountsLocked()
-	return up.open, len(up.requests), busy, idle
+	return up.open, up.total, busy, idle
 }
 
 func (up *upstream) connCountsLocked() (busy, idle int) {
@@ -340,15 +347,26 @@ func pushBehavior(w http.ResponseWriter, r *http.Request, req *upstreamRequest) 
 
 // tickerBehavior sends "id: n / data: tick n" every `every` (a duration,
 // default 20ms), from n=1, until the client is gone. With split=1 each
-// event is written in two halves, so that it is often cut mid-event.
+// event is written in two halves half a period apart, so that it is often
+// cut mid-event; with pre=<duration> the header comes that late.
 func tickerBehavior(w http.ResponseWriter, r *http.Request, req *upstreamRequest) {
 	every := 20 * time.Millisecond
 	if d, err := time.ParseDuration(req.Query["every"]); err == nil {
 		every = d
 	}
 	split := req.Query["split"] == "1"
+	if d, err := time.ParseDuration(req.Query["pre"]); err == nil {
+		select {
+		case <-time.After(d):
+		case <-r.Context().Done():
+			return
+		}
+	}
 	if startEventStream(w, req) != nil {
 		return
+	}
+	if split {
+		every /= 2
 	}
 	ticker := time.NewTicker(every)
 	defer ticker.Stop()
