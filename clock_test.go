@@ -3,7 +3,7 @@ package caddysse
 import (
 	"bytes"
 	"net/http"
-	"sort"
+	"slices"
 	"sync"
 	"time"
 )
@@ -66,7 +66,7 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.mu.Unlock()
 	for {
 		c.mu.Lock()
-		sort.Slice(c.timers, func(i, j int) bool { return c.timers[i].at.Before(c.timers[j].at) })
+		slices.SortFunc(c.timers, func(a, b *fakeTimer) int { return a.at.Compare(b.at) })
 		var due *fakeTimer
 		for _, t := range c.timers {
 			if t.active && !t.at.After(end) {
