@@ -149,7 +149,7 @@ func TestBrowserEventSource(t *testing.T) {
 			last := len(es) - 1
 			return count(es, "open") >= 2 && last >= 0 && es[last].Kind == "event" && strings.HasPrefix(es[last].Data, "resumed")
 		})
-	checkScriptedSession(t, rec, g, up, key, entries)
+	checkScriptedSession(t, rec, g, up, key, entries, false)
 	if last := entries[len(entries)-1]; last.Data != "resumed after 3" || last.ID != "4" {
 		t.Errorf("after the reconnect the page got %+v, want the upstream's answer to Last-Event-ID 3", last)
 	}

@@ -39,9 +39,22 @@ const scriptFirst = ": upstream comment\n" +
 
 // scriptEvents are the events scriptFirst gives, as the specification reads
 // them, and the close event the gateway adds.
-func scriptEvents() (events []ssespec.Event, closeEvent ssespec.Event) {
+//
+// With ownIDOnly, each event's LastEventID is instead the id field of its
+// own block, or empty: Node's eventsource package reports lastEventId that
+// way (`lastEventId: event.id || ""`), where the specification carries the
+// last id over to events without one. The package still keeps the right
+// id for Last-Event-ID, which the session checks at the upstream.
+func scriptEvents(ownIDOnly bool) (events []ssespec.Event, closeEvent ssespec.Event) {
 	events = ssespec.Parse([]byte(scriptFirst)).Events
-	return events, ssespec.Event{Type: clientCloseEvent, Data: "max_lifetime", LastEventID: "3"}
+	closeEvent = ssespec.Event{Type: clientCloseEvent, Data: "max_lifetime", LastEventID: "3"}
+	if ownIDOnly {
+		for i, id := range []string{"1", "2", "", "3"} {
+			events[i].LastEventID = id
+		}
+		closeEvent.LastEventID = ""
+	}
+	return events, closeEvent
 }
 
 // scriptBehavior sends scriptFirst, or, to a client that sends
@@ -64,12 +77,14 @@ func scriptBehavior(w http.ResponseWriter, r *http.Request, req *upstreamRequest
 // clientEntry is one thing a real client reported: an open, an error, an
 // event (message or tick), or the close event.
 type clientEntry struct {
-	Kind  string  `json:"kind"` // open, error, event, close, closed
-	Type  string  `json:"type"`
-	Data  string  `json:"data"`
-	ID    string  `json:"id"`
-	Ready int     `json:"ready"`
-	T     float64 `json:"t"` // ms on the client's clock
+	// Source names the EventSource, where a client has several.
+	Source string  `json:"source"`
+	Kind   string  `json:"kind"` // open, error, event, close, closed
+	Type   string  `json:"type"`
+	Data   string  `json:"data"`
+	ID     string  `json:"id"`
+	Ready  int     `json:"ready"`
+	T      float64 `json:"t"` // ms on the client's clock
 }
 
 // checkScriptedSession checks what a real client reported over a session:
@@ -77,9 +92,9 @@ type clientEntry struct {
 // an error (the end of the stream), a second open, the resumed event. It
 // also checks what the upstream saw: the reconnect after the retry delay,
 // with Last-Event-ID, and records the measured delays.
-func checkScriptedSession(t *testing.T, rec *caseRecorder, g *gateway, up *upstream, key string, entries []clientEntry) {
+func checkScriptedSession(t *testing.T, rec *caseRecorder, g *gateway, up *upstream, key string, entries []clientEntry, ownIDOnly bool) {
 	t.Helper()
-	wantEvents, wantClose := scriptEvents()
+	wantEvents, wantClose := scriptEvents(ownIDOnly)
 	var events []ssespec.Event
 	var closeEvent *ssespec.Event
 	var errorAt, reopenAt float64

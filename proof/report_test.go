@@ -28,7 +28,7 @@ var cases = []proofCase{
 		"all events arrive in order with the right type, data and lastEventId; the gateway's heartbeats (counted in its log) produce no message event; after the max_lifetime close the close_event reaches a listener with its reason, the browser reconnects by itself after the retry delay (measured at the upstream) and its Last-Event-ID reaches the upstream; closing the page makes the upstream see its connection end within 1 s",
 		"closing the tab"},
 	{"node", "TestNodeEventSource", "Node `eventsource` package",
-		"the same: events in order with type, data and lastEventId, heartbeats give no message event, close_event delivered, reconnect after the retry delay with Last-Event-ID at the upstream, `close()` ends the upstream connection within 1 s",
+		"the same: events in order with type, data and lastEventId (as this package reports it: from the event's own id field only), heartbeats give no message event, close_event delivered, reconnect after the retry delay with Last-Event-ID at the upstream, `close()` ends the upstream connection within 1 s",
 		"`EventSource.close()`"},
 	{"http1", "TestProtocols/HTTP1.1", "HTTP/1.1 (plain)",
 		"each event reaches the client within 300 ms of the upstream's write (latency below), a heartbeat comes after the heartbeat period of quiet, max_lifetime ends the body cleanly after `retry` and the close event, a client that hangs up makes the upstream see its end within 1 s",
