@@ -25,11 +25,15 @@ func TestChurn(t *testing.T) {
 		maxDrop     = 60 * time.Millisecond
 		runBound    = 100 * time.Second
 	)
+	const churnKeepAlive = 2 * time.Second
 	rec := report.start(t, "churn")
 	up := newUpstream(t)
 	up.forget = true
 	g := startGateway(t, up, gatewayConfig{profiles: map[string]profile{
-		"churn": {sse: "heartbeat 20ms\nwrite_timeout 2s"},
+		// A short keep-alive, so that the pool's idle connections to the
+		// upstream (the default keeps up to 32 for 2 minutes) are closed
+		// within the test and can be counted out.
+		"churn": {sse: "heartbeat 20ms\nwrite_timeout 2s", proxy: fmt.Sprintf("transport http {\nkeepalive %s\n}", churnKeepAlive)},
 	}})
 	transport := &http.Transport{DisableKeepAlives: true}
 	client := newHTTPClient(t, transport)
@@ -142,10 +146,13 @@ func TestChurn(t *testing.T) {
 
 	// Everything must be released: bounded waits, since the last teardowns
 	// run concurrently with these checks.
-	up.waitFor(t, "0 open upstream requests and 0 upstream connections", 10*time.Second, func() bool {
-		return up.open == 0 && len(up.conns) == 0
+	up.waitQuiet(t, 10*time.Second)
+	_, _, _, pooled := up.counts()
+	t.Logf("upstream quiet after %s, %d connections in the gateway's pool", time.Since(start), pooled)
+	up.waitFor(t, "0 upstream connections after the pool's keep-alive", churnKeepAlive+5*time.Second, func() bool {
+		return len(up.conns) == 0
 	})
-	t.Logf("upstream quiet after %s", time.Since(start))
+	t.Logf("no upstream connection after %s", time.Since(start))
 	waitNoModuleGoroutines(t, 10*time.Second)
 	t.Logf("no handler goroutines after %s", time.Since(start))
 	var fds int
@@ -161,7 +168,7 @@ func TestChurn(t *testing.T) {
 	if heapGrowth > 4<<20 {
 		t.Errorf("the live heap grew by %d KiB over the churn", heapGrowth>>10)
 	}
-	open, total, busy, idle := up.counts()
+	open, total, busy, left := up.counts()
 	var teardowns []time.Duration
 	for i := range streams {
 		dropped, ended := droppedAt[i].Load(), upstreamEndedAt[i].Load()
@@ -190,6 +197,6 @@ func TestChurn(t *testing.T) {
 	rec.figure("%d streams in %s (concurrency %d, seed %d)", streams, elapsed.Round(time.Millisecond), concurrency, seed)
 	rec.figure("dropped before the header %d, after %d; %d upstream requests; %.1f MiB read", beforeHeader.Load(), gotHeader.Load(), total-warmRequests, float64(bytesRead.Load())/(1<<20))
 	rec.figure("%d streams logged as ended (reasons %v), %d heartbeats written", len(ends), reasons, heartbeats)
-	rec.figure("after: %d handler goroutines, %+d file descriptors (%d before), %d open upstream requests, %d busy + %d idle upstream connections, live heap %+d KiB",
-		len(moduleGoroutines()), fds-baseFDs, baseFDs, open, busy, idle, heapGrowth>>10)
+	rec.figure("after: %d handler goroutines, %+d file descriptors (%d before), %d open upstream requests, %d busy upstream connections (%d left in the gateway's keep-alive pool when the last stream ended, closed by its %s idle timeout: %d left), live heap %+d KiB",
+		len(moduleGoroutines()), fds-baseFDs, baseFDs, open, busy, pooled, churnKeepAlive, left, heapGrowth>>10)
 }

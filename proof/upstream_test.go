@@ -79,7 +79,9 @@ func newUpstream(t *testing.T) *upstream {
 	}
 	up.srv = &http.Server{
 		Handler:           http.HandlerFunc(up.serveHTTP),
-		ReadHeaderTimeout: 10 * time.Second,
+		// Long enough not to close the gateway's pooled connections
+		// itself: the tests must see the gateway do it.
+		ReadHeaderTimeout: 5 * time.Minute,
 		ConnState:         up.connState,
 	}
 	up.handle("push", pushBehavior)
@@ -225,8 +227,9 @@ func (up *upstream) requestsWithKey(key string) int {
 }
 
 // counts returns the requests whose context has not ended, all requests
-// so far, and the connections not yet closed: busy ones (new or serving a
-// request) and idle ones (kept alive by the gateway's connection pool).
+// so far, and the connections not yet closed: busy ones (serving a
+// request) and pooled ones (idle between requests, or opened and not used
+// yet: kept by the gateway's keep-alive pool).
 func (up *upstream) counts() (open, total, busy, idle int) {
 	up.mu.Lock()
 	defer up.mu.Unlock()
@@ -234,19 +237,19 @@ func (up *upstream) counts() (open, total, busy, idle int) {
 	return up.open, up.total, busy, idle
 }
 
-func (up *upstream) connCountsLocked() (busy, idle int) {
+func (up *upstream) connCountsLocked() (busy, pooled int) {
 	for _, state := range up.conns {
-		if state == http.StateIdle {
-			idle++
-		} else {
+		if state == http.StateActive {
 			busy++
+		} else {
+			pooled++
 		}
 	}
-	return busy, idle
+	return busy, pooled
 }
 
 // waitQuiet waits until no request is open and no connection is busy;
-// idle connections are the gateway's keep-alive pool, ready for reuse.
+// pooled connections are the gateway's keep-alive pool, ready for reuse.
 func (up *upstream) waitQuiet(t *testing.T, within time.Duration) {
 	t.Helper()
 	up.waitFor(t, "quiet (0 open requests, 0 busy connections)", within, func() bool {
