@@ -78,7 +78,7 @@ func newUpstream(t *testing.T) *upstream {
 		conns:     make(map[net.Conn]http.ConnState),
 	}
 	up.srv = &http.Server{
-		Handler:           http.HandlerFunc(up.serveHTTP),
+		Handler: http.HandlerFunc(up.serveHTTP),
 		// Long enough not to close the gateway's pooled connections
 		// itself: the tests must see the gateway do it.
 		ReadHeaderTimeout: 5 * time.Minute,
