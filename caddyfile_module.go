@@ -33,6 +33,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    close_event     <event type>
 //	    close_grace     <duration>
 //	    write_timeout   <duration>
+//	    drain_window    <duration>
+//	    max_streams            <n>
+//	    max_streams_per_client <n>
+//	    last_event_id_query    <param>
 //	}
 //
 // Every option may appear once. Without a block, all defaults apply.
@@ -83,6 +87,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.CloseGrace, err = parseDuration(d, option, value)
 		case "write_timeout":
 			h.WriteTimeout, err = parseDuration(d, option, value)
+		case "drain_window":
+			h.DrainWindow, err = parseDuration(d, option, value)
+		case "max_streams":
+			h.MaxStreams, err = parseCount(d, option, value)
+		case "max_streams_per_client":
+			h.MaxStreamsPerClient, err = parseCount(d, option, value)
+		case "last_event_id_query":
+			h.LastEventIDQuery = value
 		default:
 			return d.Errf("unrecognized sse option %q", option)
 		}
@@ -103,6 +115,15 @@ func parseDuration(d *caddyfile.Dispenser, option, value string) (caddy.Duration
 		return 0, d.Errf("%s: must not be negative, got %s", option, value)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// parseCount parses a positive whole number.
+func parseCount(d *caddyfile.Dispenser, option, value string) (int, error) {
+	n, err := strconv.Atoi(value)
+	if err != nil || n < 1 {
+		return 0, d.Errf("%s: want a whole number of at least 1, got %q", option, value)
+	}
+	return n, nil
 }
 
 // parseLineText checks that a text option fits in one event-stream line.

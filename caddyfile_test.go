@@ -32,16 +32,24 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			close_event bye
 			close_grace 3s
 			write_timeout 30s
+			drain_window 1m
+			max_streams 1000
+			max_streams_per_client 4
+			last_event_id_query lastEventId
 		}`, Handler{
-			Heartbeat:      caddy.Duration(20 * time.Second),
-			HeartbeatText:  "keep alive",
-			IdleTimeout:    caddy.Duration(2 * time.Minute),
-			MaxLifetime:    caddy.Duration(time.Hour),
-			LifetimeJitter: &half,
-			Retry:          caddy.Duration(1500 * time.Millisecond),
-			CloseEvent:     "bye",
-			CloseGrace:     caddy.Duration(3 * time.Second),
-			WriteTimeout:   caddy.Duration(30 * time.Second),
+			Heartbeat:           caddy.Duration(20 * time.Second),
+			HeartbeatText:       "keep alive",
+			IdleTimeout:         caddy.Duration(2 * time.Minute),
+			MaxLifetime:         caddy.Duration(time.Hour),
+			LifetimeJitter:      &half,
+			Retry:               caddy.Duration(1500 * time.Millisecond),
+			CloseEvent:          "bye",
+			CloseGrace:          caddy.Duration(3 * time.Second),
+			WriteTimeout:        caddy.Duration(30 * time.Second),
+			DrainWindow:         caddy.Duration(time.Minute),
+			MaxStreams:          1000,
+			MaxStreamsPerClient: 4,
+			LastEventIDQuery:    "lastEventId",
 		}},
 		{"heartbeat off", "sse {\nheartbeat off\n}", Handler{Heartbeat: -1}},
 		{"zero jitter", "sse {\nlifetime_jitter 0\n}", Handler{LifetimeJitter: &zero}},
@@ -78,6 +86,9 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"jitter negative", "sse {\n  lifetime_jitter -0.1\n}", []string{"lifetime_jitter", "Testfile:2"}},
 		{"jitter not a number", "sse {\n  lifetime_jitter lots\n}", []string{"lifetime_jitter", "Testfile:2"}},
 		{"newline in close_event", "sse {\n  close_event \"a\nb\"\n}", []string{"close_event", "CR or LF"}},
+		{"zero max_streams", "sse {\n  max_streams 0\n}", []string{"max_streams", "Testfile:2"}},
+		{"bad max_streams_per_client", "sse {\n  max_streams_per_client two\n}", []string{"max_streams_per_client", "two", "Testfile:2"}},
+		{"negative drain_window", "sse {\n  drain_window -1s\n}", []string{"drain_window", "Testfile:2"}},
 		{"cr in heartbeat_text", "sse {\n  heartbeat_text \"a\rb\"\n}", []string{"heartbeat_text", "CR or LF", "Testfile:2"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -113,6 +124,9 @@ func TestValidateJSON(t *testing.T) {
 		{"jitter under 0", Handler{LifetimeJitter: &nan}, "lifetime_jitter"},
 		{"newline in heartbeat text", Handler{HeartbeatText: "a\nb"}, "heartbeat_text"},
 		{"cr in close event", Handler{CloseEvent: "a\rb"}, "close_event"},
+		{"negative drain window", Handler{DrainWindow: -1}, "drain_window"},
+		{"negative max streams", Handler{MaxStreams: -1}, "max_streams"},
+		{"negative per-client max", Handler{MaxStreamsPerClient: -1}, "max_streams_per_client"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.h.Validate()

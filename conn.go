@@ -5,8 +5,6 @@ import (
 	"net"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // A client that vanished without closing (powered off, network cut, NAT
@@ -20,19 +18,13 @@ import (
 // connKey is the context key under which the client's connection is stored.
 type connKey struct{}
 
-// registerConnContext makes the server this handler belongs to store each
-// accepted connection in the context of its requests.
-func registerConnContext(ctx caddy.Context) {
-	srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
-	if !ok {
-		return
+// withConn stores the connection in the context of its requests. The
+// handler registers it with its server (RegisterConnContext).
+func withConn(ctx context.Context, c net.Conn) context.Context {
+	if ctx.Value(connKey{}) != nil {
+		return ctx // another sse handler of this server got there first
 	}
-	srv.RegisterConnContext(func(ctx context.Context, c net.Conn) context.Context {
-		if ctx.Value(connKey{}) != nil {
-			return ctx // another sse handler of this server got there first
-		}
-		return context.WithValue(ctx, connKey{}, c)
-	})
+	return context.WithValue(ctx, connKey{}, c)
 }
 
 // setClientTimeout bounds how long data sent on the request's connection

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -92,8 +93,38 @@ type Handler struct {
 	// a client that vanished without closing is noticed. Default: 10s.
 	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
 
+	// DrainWindow spreads the end of live streams when the server they
+	// belong to shuts down (a config reload or Caddy stopping) or the
+	// handler is unloaded: each stream closes through the close sequence at
+	// a random moment within this window, so clients reconnect to the new
+	// config gradually instead of all at once, and the reload or stop can
+	// finish even with an unlimited grace period. Default: 10s.
+	DrainWindow caddy.Duration `json:"drain_window,omitempty"`
+
+	// MaxStreams caps the streams this handler serves at once, to protect
+	// an upstream that holds a thread per stream. A request that asks for
+	// an event stream (its Accept header includes text/event-stream) beyond
+	// the cap is refused with 503 before the upstream is contacted. Default:
+	// 0, no limit.
+	MaxStreams int `json:"max_streams,omitempty"`
+
+	// MaxStreamsPerClient caps the streams one client IP (as Caddy
+	// determines it, honouring trusted_proxies) may have open through this
+	// handler. Beyond it, stream requests are refused with 429. Default: 0,
+	// no limit.
+	MaxStreamsPerClient int `json:"max_streams_per_client,omitempty"`
+
+	// LastEventIDQuery names a query parameter that carries the last event
+	// ID for clients that cannot send the Last-Event-ID header (polyfills,
+	// or a new EventSource object resuming a stream). The parameter is
+	// removed from the request, and its value becomes the Last-Event-ID
+	// header unless the request has one. A value over 1 KiB or with CR, LF
+	// or NUL is refused with 400. Default: empty, disabled.
+	LastEventIDQuery string `json:"last_event_id_query,omitempty"`
+
 	heartbeatLine []byte // ":" + HeartbeatText + "\n\n"
 	jitter        float64
+	streams       *streamSet
 	clock         clock
 	logger        *zap.Logger
 	warnEncoded   *sync.Once // logs the compressed-upstream warning once
@@ -104,6 +135,10 @@ const (
 	defaultHeartbeat      = 15 * time.Second
 	defaultWriteTimeout   = 10 * time.Second
 	defaultLifetimeJitter = 0.1
+	defaultDrainWindow    = 10 * time.Second
+	// defaultRetryAfter is the Retry-After of a refused stream when no
+	// retry hint is configured.
+	defaultRetryAfter = 10 * time.Second
 )
 
 // CaddyModule returns the Caddy module information.
@@ -123,6 +158,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.WriteTimeout == 0 {
 		h.WriteTimeout = caddy.Duration(defaultWriteTimeout)
 	}
+	if h.DrainWindow == 0 {
+		h.DrainWindow = caddy.Duration(defaultDrainWindow)
+	}
 	h.jitter = defaultLifetimeJitter
 	if h.LifetimeJitter != nil {
 		h.jitter = *h.LifetimeJitter
@@ -132,8 +170,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.clock == nil {
 		h.clock = realClock{}
 	}
-	registerConnContext(ctx)
-	return nil
+	h.streams = newStreamSet()
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
+		srv.RegisterConnContext(withConn)
+		srv.RegisterOnShutdown(h.drain)
+	}
+	return initMetrics(ctx.GetMetricsRegistry())
 }
 
 // Validate ensures the handler's configuration is valid.
@@ -147,6 +189,7 @@ func (h *Handler) Validate() error {
 		{"retry", h.Retry},
 		{"close_grace", h.CloseGrace},
 		{"write_timeout", h.WriteTimeout},
+		{"drain_window", h.DrainWindow},
 	} {
 		if d.value < 0 {
 			return fmt.Errorf("%s: must not be negative, got %s", d.name, time.Duration(d.value))
@@ -154,6 +197,12 @@ func (h *Handler) Validate() error {
 	}
 	if j := h.LifetimeJitter; j != nil && !(*j >= 0 && *j <= 1) {
 		return fmt.Errorf("lifetime_jitter: must be between 0 and 1, got %v", *j)
+	}
+	if h.MaxStreams < 0 {
+		return fmt.Errorf("max_streams: must not be negative, got %d", h.MaxStreams)
+	}
+	if h.MaxStreamsPerClient < 0 {
+		return fmt.Errorf("max_streams_per_client: must not be negative, got %d", h.MaxStreamsPerClient)
 	}
 	if strings.ContainsAny(h.HeartbeatText, "\r\n") {
 		return fmt.Errorf("heartbeat_text: must not contain CR or LF")
@@ -164,9 +213,34 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
+// Cleanup drains the streams still open when the handler is unloaded.
+func (h *Handler) Cleanup() error {
+	h.drain()
+	return nil
+}
+
+// drain closes every live stream within the drain window.
+func (h *Handler) drain() {
+	if h.streams != nil {
+		h.streams.drain(time.Duration(h.DrainWindow))
+	}
+}
+
 // ServeHTTP passes the request on to next, with a writer that takes over the
 // response if it turns out to be an event stream.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if h.LastEventIDQuery != "" {
+		if err := h.lastEventIDFromQuery(r); err != nil {
+			return err
+		}
+	}
+	if wantsStream(r) && (h.MaxStreams > 0 || h.MaxStreamsPerClient > 0) {
+		client := clientIP(r)
+		if limit := h.streams.acquire(client, h.MaxStreams, h.MaxStreamsPerClient); limit != "" {
+			return h.refuse(w, limit, client)
+		}
+		defer h.streams.release(client)
+	}
 	// The gateway must read the upstream's events to find their boundaries,
 	// so the upstream has to answer uncompressed; `encode` can still
 	// compress toward the client. Removing the header would not do: Go's
@@ -195,7 +269,11 @@ const (
 	reasonIdleTimeout   endReason = "idle_timeout"
 	reasonMaxLifetime   endReason = "max_lifetime"
 	reasonWriteTimeout  endReason = "write_timeout"
+	reasonDrain         endReason = "drain"
 )
+
+var allReasons = []endReason{reasonClientGone, reasonUpstreamEnd, reasonUpstreamError,
+	reasonIdleTimeout, reasonMaxLifetime, reasonWriteTimeout, reasonDrain}
 
 var (
 	// errStreamClosed is returned to the next handler's writes once the
@@ -238,6 +316,11 @@ type streamWriter struct {
 
 	bytesOut   int64
 	heartbeats int64
+
+	// clientGoneAt is when the client was found gone (Unix ns), so the
+	// teardown that follows can be timed.
+	clientGoneAt       atomic.Int64
+	stopWatchingClient func() bool
 }
 
 // serve runs the next handler and ends the stream it produced, if any.
@@ -322,11 +405,23 @@ func (sw *streamWriter) engage(status int) {
 	setClientTimeout(sw.req.Context(), time.Duration(sw.h.WriteTimeout))
 
 	sw.mu.Lock()
-	defer sw.mu.Unlock()
 	sw.ResponseWriter.WriteHeader(status)
-	if sw.writeLocked(nil, nil) {
+	started := sw.writeLocked(nil, nil)
+	if started {
 		sw.startClockLocked()
 	}
+	sw.mu.Unlock()
+	sseMetrics.active.Inc()
+	sw.stopWatchingClient = context.AfterFunc(sw.req.Context(), sw.markClientGone)
+	if started && sw.h.streams.add(sw) {
+		sw.drainWithin(time.Duration(sw.h.DrainWindow))
+	}
+}
+
+// markClientGone records when the client was found gone, for the teardown
+// latency.
+func (sw *streamWriter) markClientGone() {
+	sw.clientGoneAt.CompareAndSwap(0, time.Now().UnixNano())
 }
 
 // Write forwards upstream bytes to the client at once. It returns an error
@@ -357,9 +452,13 @@ func (sw *streamWriter) Write(p []byte) (int, error) {
 		}
 		return len(p), nil
 	}
+	events := sw.state.events
 	sw.state.scan(rest, false)
 	if !sw.writeLocked(prefix, rest) {
 		return 0, errClientGone
+	}
+	if n := sw.state.events - events; n > 0 {
+		sseMetrics.events.Add(float64(n))
 	}
 	return len(p), nil
 }
@@ -392,12 +491,17 @@ func (sw *streamWriter) FlushError() error {
 func (sw *streamWriter) writeLocked(a, b []byte) bool {
 	sw.setWriteDeadline(time.Now().Add(time.Duration(sw.h.WriteTimeout)))
 	var err error
+	written := 0
 	for _, p := range [2][]byte{a, b} {
 		if len(p) > 0 && err == nil {
 			var n int
 			n, err = sw.ResponseWriter.Write(p)
-			sw.bytesOut += int64(n)
+			written += n
 		}
+	}
+	if written > 0 {
+		sw.bytesOut += int64(written)
+		sseMetrics.bytes.Add(float64(written))
 	}
 	if err == nil {
 		err = sw.rc.Flush()
@@ -423,6 +527,7 @@ func (sw *streamWriter) setWriteDeadline(t time.Time) {
 // failLocked ends the stream after a failed write to the client.
 func (sw *streamWriter) failLocked(err error) {
 	sw.writeFailed = true
+	sw.markClientGone()
 	reason := reasonClientGone
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		reason = reasonWriteTimeout
@@ -485,6 +590,17 @@ func (sw *streamWriter) finish(upstreamFailed bool) endReason {
 	sw.stopClockLocked()
 	sw.mu.Unlock()
 	sw.times.callbacks.Wait()
+	sw.h.streams.remove(sw)
+	if sw.stopWatchingClient != nil {
+		sw.stopWatchingClient()
+	}
+
+	sseMetrics.active.Dec()
+	sseMetrics.ended.WithLabelValues(string(sw.reason)).Inc()
+	sseMetrics.duration.Observe(sw.h.clock.Now().Sub(sw.times.start).Seconds())
+	if gone := sw.clientGoneAt.Load(); gone != 0 {
+		sseMetrics.teardown.Observe(time.Since(time.Unix(0, gone)).Seconds())
+	}
 	return sw.reason
 }
 
@@ -512,6 +628,7 @@ func (sw *streamWriter) logEnd(reason endReason, err error) {
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ http.ResponseWriter         = (*streamWriter)(nil)
 	_ io.ReaderFrom               = (*streamWriter)(nil)

@@ -48,6 +48,9 @@ type streamTimes struct {
 	quietSince time.Duration
 	// lifetimeEnd is when the stream has lived long enough; 0 means never.
 	lifetimeEnd time.Duration
+	// drainAt is when a draining stream closes, if draining.
+	draining bool
+	drainAt  time.Duration
 	// closing is the reason of a close that waits for the event in flight
 	// to end; closingSince is when it began waiting.
 	closing      endReason
@@ -65,12 +68,7 @@ func (sw *streamWriter) startClockLocked() {
 	if max := time.Duration(sw.h.MaxLifetime); max > 0 {
 		t.lifetimeEnd = max - time.Duration(rand.Float64()*sw.h.jitter*float64(max))
 	}
-	due, ok := sw.nextDueLocked()
-	if !ok {
-		return
-	}
-	t.callbacks.Add(1)
-	t.timer = sw.h.clock.AfterFunc(due, sw.onTimer)
+	sw.armLocked(0)
 }
 
 // stopClockLocked stops the stream's timer for good.
@@ -80,16 +78,20 @@ func (sw *streamWriter) stopClockLocked() {
 	}
 }
 
-// armLocked re-arms the timer for the next moment something is due, or
-// leaves it stopped when nothing ever will be.
+// armLocked (re-)arms the timer for the next moment something is due, or
+// leaves it stopped when nothing ever will be. The timer is created the
+// first time it is needed.
 func (sw *streamWriter) armLocked(now time.Duration) {
 	due, ok := sw.nextDueLocked()
-	if !ok || sw.times.timer == nil {
+	if !ok {
 		return
 	}
-	sw.times.callbacks.Add(1)
-	if sw.times.timer.Reset(max(due-now, 0)) {
-		sw.times.callbacks.Done() // replaced a pending callback
+	t := &sw.times
+	t.callbacks.Add(1)
+	if t.timer == nil {
+		t.timer = sw.h.clock.AfterFunc(max(due-now, 0), sw.onTimer)
+	} else if t.timer.Reset(max(due-now, 0)) {
+		t.callbacks.Done() // replaced a pending callback
 	}
 }
 
@@ -116,6 +118,9 @@ func (sw *streamWriter) nextDueLocked() (time.Duration, bool) {
 	}
 	if t.lifetimeEnd > 0 {
 		consider(t.lifetimeEnd)
+	}
+	if t.draining {
+		consider(t.drainAt)
 	}
 	return due, found
 }
@@ -152,6 +157,8 @@ func (sw *streamWriter) onTimer() {
 			// anything, which makes the client discard it.
 			sw.endLocked(t.closing, errGatewayClosed)
 		}
+	case t.draining && now >= t.drainAt:
+		sw.beginCloseLocked(reasonDrain, now)
 	case t.lifetimeEnd > 0 && now >= t.lifetimeEnd:
 		sw.beginCloseLocked(reasonMaxLifetime, now)
 	case sw.h.IdleTimeout > 0 && now >= t.lastUpstream+time.Duration(sw.h.IdleTimeout):
@@ -188,7 +195,22 @@ func (sw *streamWriter) heartbeatLocked(now time.Duration) {
 	if sw.writeLocked(nil, sw.h.heartbeatLine) {
 		sw.state.wroteAtBoundary()
 		sw.heartbeats++
+		sseMetrics.heartbeats.Inc()
 	}
+}
+
+// drainWithin closes the stream at a random moment within window from now,
+// through the close sequence, as the server it belongs to goes away.
+func (sw *streamWriter) drainWithin(window time.Duration) {
+	sw.mu.Lock()
+	defer sw.mu.Unlock()
+	if sw.closed || sw.times.draining {
+		return
+	}
+	now := sw.sinceStart()
+	sw.times.draining = true
+	sw.times.drainAt = now + rand.N(window+1)
+	sw.armLocked(now)
 }
 
 // awaitClientClose gives the client up to grace to hang up by itself after

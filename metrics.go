@@ -1,0 +1,79 @@
+package caddysse
+
+import (
+	"errors"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// sseMetrics are the module's Prometheus collectors. They are shared by all
+// handlers and configs of the process, so counters stay monotonic across
+// reloads, and registered with each config's registry, which is what Caddy's
+// metrics endpoints serve. Labels are a closed set: no URL, host or client.
+var sseMetrics = struct {
+	once       sync.Once
+	active     prometheus.Gauge
+	ended      *prometheus.CounterVec
+	refused    *prometheus.CounterVec
+	events     prometheus.Counter
+	bytes      prometheus.Counter
+	heartbeats prometheus.Counter
+	duration   prometheus.Histogram
+	teardown   prometheus.Histogram
+}{}
+
+func initMetrics(registry *prometheus.Registry) error {
+	const ns, sub = "caddy", "sse"
+	m := &sseMetrics
+	m.once.Do(func() {
+		m.active = prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "streams_active",
+			Help: "Event streams currently open through the sse handler.",
+		})
+		m.ended = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "streams_ended_total",
+			Help: "Event streams ended, by reason.",
+		}, []string{"reason"})
+		m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "streams_refused_total",
+			Help: "Stream requests refused before reaching the upstream, by the limit they hit (max_streams or max_streams_per_client).",
+		}, []string{"limit"})
+		m.events = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "events_total",
+			Help: "Events forwarded from upstreams to clients.",
+		})
+		m.bytes = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "bytes_total",
+			Help: "Bytes written to clients on event streams, heartbeats and close sequences included.",
+		})
+		m.heartbeats = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "heartbeats_total",
+			Help: "Heartbeat comments written to clients.",
+		})
+		m.duration = prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "stream_duration_seconds",
+			Help:    "How long event streams lasted.",
+			Buckets: prometheus.ExponentialBuckets(1, 4, 10), // 1s to ~3d
+		})
+		m.teardown = prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "teardown_seconds",
+			Help:    "Time from the client being gone to the upstream request being released.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10), // 100µs to ~26s
+		})
+		// Every reason appears from the start, so rates work before the first end.
+		for _, r := range allReasons {
+			m.ended.WithLabelValues(string(r))
+		}
+		for _, l := range []string{limitGlobal, limitPerClient} {
+			m.refused.WithLabelValues(l)
+		}
+	})
+	for _, c := range []prometheus.Collector{m.active, m.ended, m.refused, m.events, m.bytes, m.heartbeats, m.duration, m.teardown} {
+		var already prometheus.AlreadyRegisteredError
+		if err := registry.Register(c); err != nil && !errors.As(err, &already) {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,188 @@
+package caddysse
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// streamRequest is a stream request from client ip, as Caddy hands it over.
+func streamRequest(ip string) *http.Request {
+	r := httptest.NewRequest(http.MethodGet, "/events", nil)
+	r.Header.Set("Accept", "text/event-stream")
+	ctx := context.WithValue(r.Context(), caddyhttp.VarsCtxKey, map[string]any{caddyhttp.ClientIPVarKey: ip})
+	return r.WithContext(ctx)
+}
+
+// heldStream is a stream held open by an upstream until release is closed.
+func heldStream(t *testing.T, h *Handler, r *http.Request) (result chan error, release chan struct{}) {
+	result, release = make(chan error, 1), make(chan struct{})
+	started := make(chan struct{})
+	next := handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(http.StatusOK)
+		close(started)
+		<-release
+		return nil
+	})
+	go func() { result <- h.ServeHTTP(newMemWriter(), r, next) }()
+	select {
+	case <-started:
+	case err := <-result:
+		t.Fatalf("stream refused: %v", err)
+	case <-time.After(testWait):
+		t.Fatal("stream did not start")
+	}
+	return result, release
+}
+
+func TestStreamLimits(t *testing.T) {
+	h := &Handler{MaxStreams: 3, MaxStreamsPerClient: 2, Retry: seconds(2.5)}
+	provisionTest(t, h)
+	refusedBefore := testutil.ToFloat64(sseMetrics.refused.WithLabelValues(limitPerClient))
+
+	var releases []chan struct{}
+	var results []chan error
+	hold := func(ip string) {
+		res, rel := heldStream(t, h, streamRequest(ip))
+		results, releases = append(results, res), append(releases, rel)
+	}
+	refused := func(r *http.Request) (int, string) {
+		t.Helper()
+		contacted := false
+		next := handlerFunc(func(http.ResponseWriter, *http.Request) error { contacted = true; return nil })
+		w := httptest.NewRecorder()
+		err := h.ServeHTTP(w, r, next)
+		if contacted {
+			t.Fatal("a refused request reached the upstream")
+		}
+		var he caddyhttp.HandlerError
+		if !errors.As(err, &he) {
+			t.Fatalf("want a handler error, got %v", err)
+		}
+		return he.StatusCode, w.Header().Get("Retry-After")
+	}
+
+	hold("10.0.0.1")
+	hold("10.0.0.1")
+	if status, retryAfter := refused(streamRequest("10.0.0.1")); status != http.StatusTooManyRequests || retryAfter != "3" {
+		t.Fatalf("third stream of one client: %d, Retry-After %q; want 429, 3", status, retryAfter)
+	}
+	hold("10.0.0.2")
+	if status, _ := refused(streamRequest("10.0.0.3")); status != http.StatusServiceUnavailable {
+		t.Fatalf("stream over max_streams: %d, want 503", status)
+	}
+
+	// Requests that do not ask for a stream are not counted or refused.
+	plain := httptest.NewRequest(http.MethodGet, "/events", nil)
+	if err := h.ServeHTTP(httptest.NewRecorder(), plain, handlerFunc(func(http.ResponseWriter, *http.Request) error { return nil })); err != nil {
+		t.Fatalf("plain request refused: %v", err)
+	}
+
+	// A slot is free again once its stream ends.
+	close(releases[0])
+	<-results[0]
+	hold("10.0.0.1")
+
+	if got := testutil.ToFloat64(sseMetrics.refused.WithLabelValues(limitPerClient)) - refusedBefore; got != 1 {
+		t.Errorf("per-client refusals counted %v, want 1", got)
+	}
+	for _, rel := range releases[1:] {
+		close(rel)
+	}
+}
+
+func TestLastEventIDQuery(t *testing.T) {
+	h := &Handler{LastEventIDQuery: "lastEventId"}
+	provisionTest(t, h)
+	for _, tc := range []struct {
+		name, target, header string
+		wantQuery, wantID    string
+		wantStatus           int
+	}{
+		{"moved to header", "/events?a=1&lastEventId=42&b=2", "", "a=1&b=2", "42", 0},
+		{"escaped", "/events?lastEventId=a%20b%2Fc", "", "", "a b/c", 0},
+		{"header wins", "/events?lastEventId=42&x=y", "41", "x=y", "41", 0},
+		{"absent", "/events?x=y", "", "x=y", "", 0},
+		{"newline refused", "/events?lastEventId=a%0Ab", "", "", "", http.StatusBadRequest},
+		{"nul refused", "/events?lastEventId=a%00b", "", "", "", http.StatusBadRequest},
+		{"too long refused", "/events?lastEventId=" + strings.Repeat("x", maxEventIDLen+1), "", "", "", http.StatusBadRequest},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := httptest.NewRequest(http.MethodGet, tc.target, nil)
+			if tc.header != "" {
+				r.Header.Set("Last-Event-ID", tc.header)
+			}
+			var seen *http.Request
+			err := h.ServeHTTP(httptest.NewRecorder(), r, handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				seen = r
+				return nil
+			}))
+			if tc.wantStatus != 0 {
+				var he caddyhttp.HandlerError
+				if !errors.As(err, &he) || he.StatusCode != tc.wantStatus || seen != nil {
+					t.Fatalf("want %d before the upstream, got %v (upstream reached: %v)", tc.wantStatus, err, seen != nil)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if seen.URL.RawQuery != tc.wantQuery || seen.Header.Get("Last-Event-ID") != tc.wantID {
+				t.Fatalf("upstream got query %q, Last-Event-ID %q; want %q, %q", seen.URL.RawQuery, seen.Header.Get("Last-Event-ID"), tc.wantQuery, tc.wantID)
+			}
+		})
+	}
+}
+
+// TestDrainClosesEveryStreamWithinWindow checks what a reload or stop does
+// to live streams: each closes through the close sequence at its own moment
+// within the drain window, and a stream starting during the drain drains too.
+func TestDrainClosesEveryStreamWithinWindow(t *testing.T) {
+	h := &Handler{Heartbeat: -1, DrainWindow: seconds(10), Retry: seconds(1), CloseEvent: "close"}
+	clock, _ := provisionTest(t, h)
+	var runs []*streamRun
+	for range 20 {
+		runs = append(runs, startStream(t, h, clock, newScriptedUpstream()))
+	}
+	if clock.pending() != 0 {
+		t.Fatalf("timers armed with nothing to time")
+	}
+	h.drain()
+	late := startStream(t, h, clock, newScriptedUpstream())
+	runs = append(runs, late)
+
+	closedAt := map[int]time.Duration{}
+	for step := 0; step <= 10 && len(closedAt) < len(runs); step++ {
+		for i, run := range runs {
+			if _, done := closedAt[i]; !done && run.w.received() != "" {
+				closedAt[i] = time.Duration(step) * time.Second
+			}
+		}
+		clock.Advance(time.Second)
+	}
+	moments := map[time.Duration]bool{}
+	for i, run := range runs {
+		if _, ok := closedAt[i]; !ok {
+			t.Fatalf("stream %d still open after the drain window", i)
+		}
+		run.waitUpstreamGone()
+		if err := run.wait(); err != nil || run.panicked != nil {
+			t.Fatalf("stream %d: err %v, panic %v", i, err, run.panicked)
+		}
+		if got := run.w.received(); got != "retry: 1000\nevent: close\ndata: drain\n\n" {
+			t.Fatalf("stream %d got %q", i, got)
+		}
+		moments[closedAt[i]] = true
+	}
+	if len(moments) < 3 {
+		t.Fatalf("21 streams closed at only %d distinct moments: not spread", len(moments))
+	}
+}
