@@ -4,7 +4,6 @@ import (
 	"context"
 	"net"
 	"time"
-
 )
 
 // A client that vanished without closing (powered off, network cut, NAT
