@@ -217,10 +217,11 @@ type clientStream struct {
 	resp   *http.Response
 	cancel context.CancelFunc
 
-	mu     sync.Mutex
-	body   bytes.Buffer
-	err    error // the read error that ended the body; io.EOF for a clean end
-	change chan struct{}
+	mu      sync.Mutex
+	body    bytes.Buffer
+	err     error     // the read error that ended the body; io.EOF for a clean end
+	endedAt time.Time // when the body ended
+	change  chan struct{}
 }
 
 var streamClient = &http.Client{Transport: &http.Transport{DisableCompression: true}}
@@ -251,7 +252,7 @@ func (s *clientStream) read(body io.ReadCloser) {
 		s.mu.Lock()
 		s.body.Write(buf[:n])
 		if err != nil {
-			s.err = err
+			s.err, s.endedAt = err, time.Now()
 		}
 		s.mu.Unlock()
 		select {
