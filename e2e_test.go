@@ -165,8 +165,18 @@ func startCaddy(t *testing.T, up *upstream) {
 	https_port 29443
 	grace_period 1s
 	skip_install_trust
+	servers {
+		trusted_proxies static 127.0.0.1/8
+	}
 }
 http://localhost:29080 {
+	handle /limited* {
+		sse {
+			max_streams_per_client 1
+			last_event_id_query lastEventId
+		}
+		reverse_proxy %[1]s
+	}
 	handle /heartbeat* {
 		sse {
 			heartbeat 100ms
@@ -543,6 +553,27 @@ func TestE2E(t *testing.T) {
 		}
 		s.cancel()
 		req.waitGone(t)
+	})
+
+	t.Run("per-client limit by the client IP Caddy trusts", func(t *testing.T) {
+		first := openStream(t, "/limited?lastEventId=41", "X-Forwarded-For", "192.0.2.1")
+		req := up.next(t)
+		if got, q := req.r.Header.Get("Last-Event-ID"), req.r.URL.RawQuery; got != "41" || q != "" {
+			t.Errorf("upstream got Last-Event-ID %q and query %q; want 41 and none", got, q)
+		}
+		second := openStream(t, "/limited", "X-Forwarded-For", "192.0.2.1")
+		if second.resp.StatusCode != http.StatusTooManyRequests || second.resp.Header.Get("Retry-After") == "" {
+			t.Fatalf("second stream of one client: %s, Retry-After %q", second.resp.Status, second.resp.Header.Get("Retry-After"))
+		}
+		other := openStream(t, "/limited", "X-Forwarded-For", "192.0.2.2")
+		otherReq := up.next(t)
+		if other.resp.StatusCode != http.StatusOK {
+			t.Fatalf("another client refused: %s", other.resp.Status)
+		}
+		first.cancel()
+		req.waitGone(t)
+		other.cancel()
+		otherReq.waitGone(t)
 	})
 
 	checkNoStreamGoroutines(t)
