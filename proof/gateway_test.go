@@ -158,6 +158,17 @@ https://localhost:%[3]d {
 	if !g.rootCAs.AppendCertsFromPEM(rootPEM) {
 		t.Fatal("Caddy's local CA root is not a PEM certificate")
 	}
+	// The site's certificate is obtained in the background: wait until a
+	// handshake succeeds.
+	waitUntil(t, "a TLS handshake with the HTTPS site", 10*time.Second, func() bool {
+		d := tls.Dialer{Config: g.tlsConfig(), NetDialer: &net.Dialer{Timeout: time.Second}}
+		conn, err := d.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(httpsPort)))
+		if err != nil {
+			return false
+		}
+		conn.Close()
+		return true
+	})
 	return g
 }
 

@@ -58,20 +58,26 @@ func TestProtocols(t *testing.T) {
 	})
 	t.Run("HTTP3", func(t *testing.T) {
 		rec := report.start(t, "http3")
-		tlsConfig := g.tlsConfig()
-		h3 := &http3.Transport{
-			TLSClientConfig:    tlsConfig,
-			DisableCompression: true,
-			// The site is named localhost but Caddy listens on 127.0.0.1
-			// only; localhost may resolve to ::1 first.
-			Dial: func(ctx context.Context, _ string, tlsCfg *tls.Config, cfg *quic.Config) (*quic.Conn, error) {
-				return quic.DialAddrEarly(ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(g.httpsPort)), tlsCfg, cfg)
-			},
-		}
-		t.Cleanup(func() { h3.Close() })
-		checkProtocol(t, rec, up, &http.Client{Transport: h3}, g.httpsURL, 3)
+		checkProtocol(t, rec, up, newHTTP3Client(t, g, nil), g.httpsURL, 3)
 	})
 	waitNoModuleGoroutines(t, 5*time.Second)
+}
+
+// newHTTP3Client returns an HTTP/3 client for the gateway's TLS site,
+// closed when the test ends. quicConfig may be nil.
+func newHTTP3Client(t *testing.T, g *gateway, quicConfig *quic.Config) *http.Client {
+	h3 := &http3.Transport{
+		TLSClientConfig:    g.tlsConfig(),
+		QUICConfig:         quicConfig,
+		DisableCompression: true,
+		// The site is named localhost but Caddy listens on 127.0.0.1
+		// only; localhost may resolve to ::1 first.
+		Dial: func(ctx context.Context, _ string, tlsCfg *tls.Config, cfg *quic.Config) (*quic.Conn, error) {
+			return quic.DialAddrEarly(ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(g.httpsPort)), tlsCfg, cfg)
+		},
+	}
+	t.Cleanup(func() { h3.Close() })
+	return &http.Client{Transport: h3}
 }
 
 func checkProtocol(t *testing.T, rec *caseRecorder, up *upstream, client *http.Client, base string, protoMajor int) {
