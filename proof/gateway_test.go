@@ -37,8 +37,8 @@ type profile struct {
 // gatewayConfig is what a test needs from its gateway.
 type gatewayConfig struct {
 	profiles map[string]profile
-	// extraBind, when set, is one more address (host only) the plain
-	// HTTP site is served on, on the same port as 127.0.0.1.
+	// extraBind, when set, is one more address (host only) both sites are
+	// served on, on the same ports as on 127.0.0.1.
 	extraBind string
 }
 
@@ -121,7 +121,7 @@ http://:%[2]d {
 %[7]s}
 
 https://localhost:%[3]d {
-	bind 127.0.0.1
+	bind %[6]s
 	tls internal
 %[7]s}
 `, filepath.Join(dir, "storage"), httpPort, httpsPort,
