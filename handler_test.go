@@ -1,14 +1,18 @@
 package caddysse
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 )
 
@@ -467,4 +471,37 @@ func TestUpstreamEndLogsTotals(t *testing.T) {
 	if got := len(run.w.received()); got != 46 {
 		t.Errorf("client got %d bytes", got)
 	}
+}
+
+// TestRealTimersLeaveNothingBehind runs streams on the real clock, with
+// every timer path taken (heartbeat, lifetime close, client gone), and
+// checks that no goroutine or timer callback outlives them.
+func TestRealTimersLeaveNothingBehind(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	zero := 0.0
+	h := &Handler{Heartbeat: caddy.Duration(time.Millisecond), MaxLifetime: caddy.Duration(50 * time.Millisecond),
+		LifetimeJitter: &zero, CloseEvent: "bye", CloseGrace: caddy.Duration(time.Minute)}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	h.logger = zap.NewNop()
+
+	// Ends by max_lifetime after heartbeats; the client hangs up during
+	// the close grace.
+	run := startStream(t, h, nil, newScriptedUpstream())
+	run.waitUpstreamGone()
+	run.cancel()
+	run.wait()
+	if !strings.HasPrefix(run.w.received(), ":\n\n") {
+		t.Fatalf("no heartbeat on the real clock: %q", run.w.received())
+	}
+
+	// Ends by the client going away mid-stream.
+	run = startStream(t, h, nil, newScriptedUpstream())
+	mustSend(t, run, "data: a\n\n")
+	run.cancel()
+	run.waitUpstreamGone()
+	run.wait()
 }
