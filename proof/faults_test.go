@@ -41,8 +41,9 @@ func TestFaults(t *testing.T) {
 	client := newHTTPClient(t, &http.Transport{})
 	bystander := startBystander(t, up, client, g.httpURL+"/p/fault/ticker")
 
-	// newEnds returns the "stream ended" lines logged after the n first.
-	endsBefore := func() int { return len(g.streamEnds(t)) }
+	// endsBefore counts the "stream ended" lines logged so far;
+	// expectEndReason checks the next one's reason.
+	endsBefore := func(t *testing.T) int { return len(g.streamEnds(t)) }
 	expectEndReason := func(t *testing.T, before int, want string) {
 		t.Helper()
 		ends := g.waitStreamEnds(t, before+1, 2*time.Second)
@@ -54,7 +55,7 @@ func TestFaults(t *testing.T) {
 	t.Run("reset mid-event", func(t *testing.T) {
 		rec := report.start(t, "fault-reset")
 		defer bystander.check(t)
-		before := endsBefore()
+		before := endsBefore(t)
 		key := up.key("reset")
 		s := openStream(t, client, g.httpURL+"/p/fault/reset?k="+key, nil)
 		req := up.request(t, key, 1, 5*time.Second)
@@ -161,7 +162,7 @@ func TestFaults(t *testing.T) {
 	t.Run("drip", func(t *testing.T) {
 		rec := report.start(t, "fault-drip")
 		defer bystander.check(t)
-		before := endsBefore()
+		before := endsBefore(t)
 		key := up.key("drip")
 		s := openStream(t, client, g.httpURL+"/p/fault/drip?k="+key, nil)
 		req := up.request(t, key, 1, 5*time.Second)
@@ -199,7 +200,7 @@ func TestFaults(t *testing.T) {
 	t.Run("10MiB event", func(t *testing.T) {
 		rec := report.start(t, "fault-big")
 		defer bystander.check(t)
-		before := endsBefore()
+		before := endsBefore(t)
 		baseline := liveHeap()
 		key := up.key("big")
 		ctx, cancel := context.WithCancel(context.Background())
@@ -286,7 +287,7 @@ func TestFaults(t *testing.T) {
 		rec := report.start(t, "fault-unterminated")
 		defer bystander.check(t)
 		for _, ending := range []string{"lf", "cr", "crlf"} {
-			before := endsBefore()
+			before := endsBefore(t)
 			key := up.key("unterminated")
 			s := openStream(t, client, g.httpURL+"/p/fault/unterminated?k="+key+"&ending="+ending, nil)
 			req := up.request(t, key, 1, 5*time.Second)
