@@ -611,6 +611,8 @@ func (sw *streamWriter) logEnd(reason endReason, err error) {
 		return
 	}
 	fields := []zap.Field{
+		zap.String("uri", sw.req.RequestURI),
+		zap.String("client_ip", clientIP(sw.req)),
 		zap.String("reason", string(reason)),
 		zap.Duration("duration", sw.h.clock.Now().Sub(sw.times.start)),
 		zap.Int64("events", sw.state.events),
