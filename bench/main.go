@@ -1,0 +1,247 @@
+// Command bench measures the sse module side by side with Caddy's bare
+// reverse_proxy and nginx, on loopback, and writes docs/benchmarks.md with
+// its plots.
+//
+// Run from this directory:
+//
+//	go run . -out ../docs        # full run, about 8 minutes
+//	go run . -smoke              # about 10 seconds, for CI; writes nothing unless -out is given
+//
+// It builds Caddy from ../cmd/caddy (or uses -caddy), installs nginx from
+// Debian when it is missing, starts every target itself on 127.0.0.1 and
+// stops them all before it exits.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	log.SetFlags(log.Ltime | log.Lmicroseconds)
+	if err := run(); err != nil {
+		log.Print("bench: ", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		smoke    = flag.Bool("smoke", false, "tiny counts and short windows (about 10 s): proves every target and scenario work, not how fast")
+		out      = flag.String("out", "", "directory for benchmarks.md and the plots (none written when empty)")
+		root     = flag.String("root", "..", "the caddy-sse repository, whose ./cmd/caddy is built")
+		caddyBin = flag.String("caddy", "", "use this Caddy binary (with the sse module) instead of building one")
+		targets  = flag.String("targets", strings.Join([]string{targetDirect, targetCaddy, targetSSE, targetNginx}, ","), "targets to measure, comma-separated")
+		scale    = flag.String("scale", "", "stream counts for the scale scenario, comma-separated (default 1000,5000,8000; smoke 50)")
+		note     = flag.String("note", "", "a sentence about the machine's state during the run, for the report (for example that it was shared)")
+		profile  = flag.String("profile", "", "save CPU profiles of the sse target (largest scale count, and throughput) into this directory")
+	)
+	flag.Parse()
+
+	cfg := fullConfig()
+	if *smoke {
+		cfg = smokeConfig()
+	}
+	cfg.targets = strings.Split(*targets, ",")
+	for _, t := range cfg.targets {
+		if targetDescriptions[t] == "" {
+			return fmt.Errorf("unknown target %q", t)
+		}
+	}
+	if *scale != "" {
+		cfg.scaleCounts = nil
+		for _, f := range strings.Split(*scale, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil || n <= 0 {
+				return fmt.Errorf("bad -scale count %q", f)
+			}
+			cfg.scaleCounts = append(cfg.scaleCounts, n)
+		}
+	}
+
+	limit, err := raiseOpenFiles()
+	if err != nil {
+		return err
+	}
+	// Every proxied stream costs the harness two descriptors (client and
+	// upstream side) and the gateway two (its client and upstream side).
+	maxStreams := int(limit-256) / 2
+	for i, n := range cfg.scaleCounts {
+		if n > maxStreams {
+			log.Printf("scale: %d streams do not fit the open-files limit of %d; measuring %d", n, limit, maxStreams)
+			cfg.scaleCounts[i] = maxStreams
+		}
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	scratch, err := os.MkdirTemp("", "caddy-sse-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(scratch)
+
+	l := &launcher{scratch: scratch, heartbeat: cfg.heartbeat, running: map[*gateway]bool{}}
+	defer l.stopAll()
+	if needsCaddy(cfg.targets) {
+		l.caddyBin = *caddyBin
+		if l.caddyBin == "" {
+			l.caddyBin = filepath.Join(scratch, "caddy")
+			log.Printf("building Caddy from %s/cmd/caddy", *root)
+			build := exec.CommandContext(ctx, "go", "build", "-o", l.caddyBin, "./cmd/caddy")
+			build.Dir = *root
+			build.Stdout, build.Stderr = os.Stderr, os.Stderr
+			if err := build.Run(); err != nil {
+				return fmt.Errorf("build Caddy: %w", err)
+			}
+		}
+	}
+	if slicesContains(cfg.targets, targetNginx) {
+		if l.nginxBin, err = findOrInstallNginx(); err != nil {
+			return err
+		}
+	}
+
+	up, err := startUpstream()
+	if err != nil {
+		return err
+	}
+	defer up.close()
+	l.upstream = up.addr()
+
+	machine := describeMachine(l)
+	machine.note = *note
+	started := time.Now()
+	res := &results{cfg: cfg}
+	b := &bench{cfg: cfg, up: up, dialers: newDialers(), launcher: l, res: res}
+	log.Printf("targets %s; upstream on %s; open files %d", strings.Join(cfg.targets, ", "), up.addr(), limit)
+
+	if err := b.runShared(ctx); err != nil {
+		return err
+	}
+	if err := b.runScale(ctx); err != nil {
+		return err
+	}
+	if *profile != "" && slicesContains(cfg.targets, targetSSE) {
+		if err := b.profileSSE(ctx, *profile); err != nil {
+			log.Printf("profile: %v", err)
+		}
+	}
+	machine.duration = time.Since(started)
+	machine.loadAfter = loadAverage()
+	log.Printf("measured in %s", machine.duration.Round(time.Second))
+
+	if *out != "" {
+		if err := os.MkdirAll(*out, 0o755); err != nil {
+			return err
+		}
+		if err := writePlots(res, *out); err != nil {
+			return fmt.Errorf("plots: %w", err)
+		}
+		if err := writeReport(res, machine, filepath.Join(*out, "benchmarks.md")); err != nil {
+			return fmt.Errorf("report: %w", err)
+		}
+		log.Printf("wrote %s", filepath.Join(*out, "benchmarks.md"))
+	}
+	if len(res.problems) > 0 {
+		return fmt.Errorf("%d problems:\n  %s", len(res.problems), strings.Join(res.problems, "\n  "))
+	}
+	return nil
+}
+
+// raiseOpenFiles lifts the soft open-files limit to the hard one; the targets
+// started later inherit it.
+func raiseOpenFiles() (uint64, error) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, err
+	}
+	lim.Cur = lim.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, err
+	}
+	return lim.Cur, nil
+}
+
+func needsCaddy(targets []string) bool {
+	return slicesContains(targets, targetCaddy) || slicesContains(targets, targetSSE)
+}
+
+func slicesContains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+// findOrInstallNginx returns nginx's path, installing Debian's package first
+// when it is not there.
+func findOrInstallNginx() (string, error) {
+	find := func() (string, error) {
+		if p, err := exec.LookPath("nginx"); err == nil {
+			return p, nil
+		}
+		if _, err := os.Stat("/usr/sbin/nginx"); err == nil {
+			return "/usr/sbin/nginx", nil
+		}
+		return "", errors.New("nginx not found")
+	}
+	if p, err := find(); err == nil {
+		return p, nil
+	}
+	if os.Geteuid() != 0 {
+		return "", errors.New("nginx is not installed and installing it needs root: apt-get install -y nginx")
+	}
+	log.Print("installing nginx from Debian")
+	install := exec.Command("sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx")
+	install.Stdout, install.Stderr = os.Stderr, os.Stderr
+	if err := install.Run(); err != nil {
+		return "", fmt.Errorf("install nginx: %w", err)
+	}
+	// Debian's package may start its own service on port 80; this run uses
+	// its own instance and leaves that one alone.
+	return find()
+}
+
+// profileSSE takes CPU profiles of the sse target under the two loads where
+// its own work shows: many idle streams with heartbeats, and one fast stream.
+func (b *bench) profileSSE(ctx context.Context, dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	g, err := b.launcher.start(targetSSE)
+	if err != nil {
+		return err
+	}
+	defer b.launcher.stop(g)
+	n := b.cfg.scaleCounts[len(b.cfg.scaleCounts)-1]
+	set := openStreams(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(int) string { return "/idle?dur=5m" }, nil)
+	seconds := int(b.cfg.scaleWindow / time.Second)
+	log.Printf("profiling %s with %d idle streams for %ds", g.name, len(set.streams), seconds)
+	err = g.cpuProfile(ctx, seconds, filepath.Join(dir, "sse-idle.pprof"))
+	set.closeAll()
+	b.drain("profile idle")
+	if err != nil {
+		return err
+	}
+	set = openStreams(ctx, b.dialers, g.addr, 1, 1, func(int) string { return "/events?interval=0&size=1024&dur=5m" }, nil)
+	log.Printf("profiling %s with one fast stream for 5s", g.name)
+	err = g.cpuProfile(ctx, 5, filepath.Join(dir, "sse-throughput.pprof"))
+	set.closeAll()
+	b.drain("profile throughput")
+	return err
+}

@@ -1,0 +1,463 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"slices"
+	"time"
+)
+
+// config is what a run measures and for how long.
+type config struct {
+	smoke   bool
+	targets []string
+	rounds  int
+
+	latencyCounts []int
+	eventRate     float64 // events per second over all streams of a latency run
+	eventSize     int     // bytes per latency event
+	warmup        time.Duration
+	measure       time.Duration
+
+	throughputSizes   []int
+	throughputMeasure time.Duration
+
+	scaleCounts []int
+	scaleSettle time.Duration
+	scaleWindow time.Duration
+	heartbeat   time.Duration
+
+	teardownStreams int
+	teardownSpacing time.Duration
+
+	dialParallel int
+}
+
+func fullConfig() config {
+	return config{
+		rounds:            2,
+		latencyCounts:     []int{1, 100, 1000},
+		eventRate:         2000,
+		eventSize:         128,
+		warmup:            time.Second,
+		measure:           4 * time.Second,
+		throughputSizes:   []int{1 << 10, 64 << 10},
+		throughputMeasure: 3 * time.Second,
+		scaleCounts:       []int{1000, 5000, 8000},
+		scaleSettle:       3 * time.Second,
+		scaleWindow:       15 * time.Second,
+		heartbeat:         15 * time.Second,
+		teardownStreams:   250,
+		teardownSpacing:   4 * time.Millisecond,
+		dialParallel:      128,
+	}
+}
+
+// smokeConfig finishes in seconds: it proves every target and scenario works
+// end to end, not how fast. Its heartbeat is short so that the scale
+// scenario sees the sse target's heartbeats arrive.
+func smokeConfig() config {
+	return config{
+		smoke:             true,
+		rounds:            1,
+		latencyCounts:     []int{1, 10},
+		eventRate:         400,
+		eventSize:         128,
+		warmup:            100 * time.Millisecond,
+		measure:           300 * time.Millisecond,
+		throughputSizes:   []int{1 << 10, 64 << 10},
+		throughputMeasure: 300 * time.Millisecond,
+		scaleCounts:       []int{50},
+		scaleSettle:       200 * time.Millisecond,
+		scaleWindow:       time.Second,
+		heartbeat:         250 * time.Millisecond,
+		teardownStreams:   20,
+		teardownSpacing:   2 * time.Millisecond,
+		dialParallel:      32,
+	}
+}
+
+type latencyResult struct {
+	target  string
+	streams int
+	samples []int64 // ns, sorted
+	opened  int
+	failed  int
+	early   int // streams that ended before the run did
+	cpu     float64
+}
+
+type throughputResult struct {
+	target  string
+	size    int
+	events  int64
+	bytes   int64
+	seconds float64
+	cpu     float64
+	failed  int
+	early   int
+}
+
+type scaleResult struct {
+	target           string
+	streams          int
+	opened           int
+	failed           int
+	early            int
+	rssBase, rssLoad int64
+	goBase, goLoad   goMemory
+	goOK             bool
+	cpu              float64
+	window           time.Duration
+	heartbeats       int64
+}
+
+type teardownResult struct {
+	target  string
+	samples []int64 // ns, sorted
+	missing int
+	failed  int
+}
+
+// results is everything a run measured.
+type results struct {
+	cfg        config
+	latency    []*latencyResult
+	throughput []*throughputResult
+	scale      []*scaleResult
+	teardown   []*teardownResult
+	problems   []string
+}
+
+func (r *results) problem(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	log.Print("PROBLEM: ", msg)
+	r.problems = append(r.problems, msg)
+}
+
+// bench ties together the upstream, the clients and the targets.
+type bench struct {
+	cfg        config
+	up         *upstream
+	dialers    *dialers
+	launcher   *launcher
+	res        *results
+	teardownID int
+}
+
+// rotated returns the targets starting at the round's offset, so every
+// target in turn runs first and each sees the machine in every state.
+func rotated(targets []string, round int) []string {
+	k := round % len(targets)
+	return append(slices.Clone(targets[k:]), targets[:k]...)
+}
+
+// runShared runs latency, throughput and teardown against one long-lived
+// process per target, alternating targets inside every step.
+func (b *bench) runShared(ctx context.Context) error {
+	gateways := map[string]*gateway{}
+	defer func() {
+		for _, g := range gateways {
+			b.launcher.stop(g)
+		}
+	}()
+	for _, name := range b.cfg.targets {
+		g, err := b.launcher.start(name)
+		if err != nil {
+			return err
+		}
+		gateways[name] = g
+	}
+	latency := map[string]*latencyResult{}
+	throughput := map[string]*throughputResult{}
+	teardown := map[string]*teardownResult{}
+	for round := range b.cfg.rounds {
+		order := rotated(b.cfg.targets, round)
+		for _, n := range b.cfg.latencyCounts {
+			for _, name := range order {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				key := fmt.Sprintf("%s/%d", name, n)
+				r := b.runLatency(ctx, gateways[name], n)
+				if prev := latency[key]; prev != nil {
+					prev.samples = append(prev.samples, r.samples...)
+					prev.opened += r.opened
+					prev.failed += r.failed
+					prev.early += r.early
+					prev.cpu = (prev.cpu + r.cpu) / 2
+				} else {
+					latency[key] = r
+					b.res.latency = append(b.res.latency, r)
+				}
+			}
+		}
+		for _, size := range b.cfg.throughputSizes {
+			for _, name := range order {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				key := fmt.Sprintf("%s/%d", name, size)
+				r := b.runThroughput(ctx, gateways[name], size)
+				if prev := throughput[key]; prev != nil {
+					prev.events += r.events
+					prev.bytes += r.bytes
+					prev.seconds += r.seconds
+					prev.cpu = (prev.cpu + r.cpu) / 2
+					prev.failed += r.failed
+					prev.early += r.early
+				} else {
+					throughput[key] = r
+					b.res.throughput = append(b.res.throughput, r)
+				}
+			}
+		}
+		for _, name := range order {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			r := b.runTeardown(ctx, gateways[name])
+			if prev := teardown[name]; prev != nil {
+				prev.samples = append(prev.samples, r.samples...)
+				prev.missing += r.missing
+				prev.failed += r.failed
+			} else {
+				teardown[name] = r
+				b.res.teardown = append(b.res.teardown, r)
+			}
+		}
+	}
+	for _, r := range b.res.latency {
+		slices.Sort(r.samples)
+	}
+	for _, r := range b.res.teardown {
+		slices.Sort(r.samples)
+	}
+	return nil
+}
+
+// drain waits for the upstream to see every stream of the last run end.
+func (b *bench) drain(what string) {
+	if !b.up.waitDrained(10 * time.Second) {
+		b.res.problem("%s: %d upstream streams still open 10s after the clients left", what, b.up.active.Load())
+	}
+}
+
+// runLatency holds n streams that together receive cfg.eventRate stamped
+// events per second, and keeps the latency of every event received inside
+// the measurement window.
+func (b *bench) runLatency(ctx context.Context, g *gateway, n int) *latencyResult {
+	interval := time.Duration(float64(n) / b.cfg.eventRate * float64(time.Second))
+	lifetime := b.cfg.warmup + b.cfg.measure + time.Minute
+	path := fmt.Sprintf("/events?interval=%s&size=%d&dur=%s", interval, b.cfg.eventSize, lifetime)
+	window := newSampleWindow()
+	set := openStreams(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(int) string { return path }, window)
+	start, end := window.set(b.cfg.warmup, b.cfg.measure)
+	time.Sleep(time.Until(start))
+	cpu := startCPU(g)
+	// A little past the window's end, so events sent inside it have arrived.
+	time.Sleep(time.Until(end))
+	r := &latencyResult{target: g.name, streams: n, opened: len(set.streams), failed: set.failed, cpu: cpu.percent()}
+	time.Sleep(50 * time.Millisecond)
+	r.early = set.endedEarly()
+	set.closeAll()
+	for _, s := range set.streams {
+		r.samples = append(r.samples, s.samples...)
+	}
+	b.drain("latency " + g.name)
+	what := fmt.Sprintf("latency %s %d streams", g.name, n)
+	b.checkSet(what, set, r.early)
+	if len(r.samples) == 0 {
+		b.res.problem("%s: no event received in the window", what)
+	}
+	sorted := slices.Clone(r.samples)
+	slices.Sort(sorted)
+	log.Printf("%-34s events %6d  p50 %7.1fµs  p99 %7.1fµs  p99.9 %7.1fµs  cpu %5.1f%%", what, len(sorted),
+		micros(quantile(sorted, 0.5)), micros(quantile(sorted, 0.99)), micros(quantile(sorted, 0.999)), r.cpu)
+	return r
+}
+
+// runThroughput has the upstream send events of size bytes to one stream as
+// fast as the path takes them, and counts what arrives.
+func (b *bench) runThroughput(ctx context.Context, g *gateway, size int) *throughputResult {
+	warmup := b.cfg.warmup / 2
+	lifetime := warmup + b.cfg.throughputMeasure + time.Minute
+	path := fmt.Sprintf("/events?interval=0&size=%d&dur=%s", size, lifetime)
+	set := openStreams(ctx, b.dialers, g.addr, 1, 1, func(int) string { return path }, nil)
+	r := &throughputResult{target: g.name, size: size, failed: set.failed}
+	what := fmt.Sprintf("throughput %s %dB", g.name, size)
+	if len(set.streams) == 0 {
+		b.res.problem("%s: stream did not open: %v", what, set.lastErr)
+		return r
+	}
+	time.Sleep(warmup)
+	e0, b0, _ := set.totals()
+	cpu := startCPU(g)
+	t0 := time.Now()
+	time.Sleep(b.cfg.throughputMeasure)
+	e1, b1, _ := set.totals()
+	r.seconds = time.Since(t0).Seconds()
+	r.cpu = cpu.percent()
+	r.events, r.bytes = e1-e0, b1-b0
+	r.early = set.endedEarly()
+	set.closeAll()
+	b.drain(what)
+	b.checkSet(what, set, r.early)
+	if r.events == 0 {
+		b.res.problem("%s: no event received", what)
+	}
+	log.Printf("%-34s %9.0f events/s  %8.1f MB/s  cpu %5.1f%%", what, float64(r.events)/r.seconds, float64(r.bytes)/r.seconds/1e6, r.cpu)
+	return r
+}
+
+// runTeardown opens idle streams, then closes them one by one and measures,
+// for each, how long until the upstream's handler sees its request end.
+func (b *bench) runTeardown(ctx context.Context, g *gateway) *teardownResult {
+	n := b.cfg.teardownStreams
+	base := b.teardownID
+	b.teardownID += n
+	lifetime := time.Duration(n)*b.cfg.teardownSpacing + time.Minute
+	set := openStreams(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(i int) string {
+		return fmt.Sprintf("/idle?id=%d&dur=%s", base+i, lifetime)
+	}, nil)
+	r := &teardownResult{target: g.name, failed: set.failed}
+	what := "teardown " + g.name
+	b.up.takeEnded()
+	time.Sleep(100 * time.Millisecond)
+	for _, s := range set.streams {
+		s.close()
+		time.Sleep(b.cfg.teardownSpacing)
+	}
+	// Each upstream handler records its end as it sees it; give the last
+	// ones a bounded time to arrive.
+	b.drain(what)
+	ended := b.up.takeEnded()
+	for _, s := range set.streams {
+		at, ok := ended[base+s.id]
+		if !ok {
+			r.missing++
+			continue
+		}
+		r.samples = append(r.samples, at.Sub(s.closedAt).Nanoseconds())
+	}
+	if set.failed > 0 {
+		b.res.problem("%s: %d of %d streams failed to open: %v", what, set.failed, n, set.lastErr)
+	}
+	if r.missing > 0 {
+		b.res.problem("%s: upstream never saw %d of %d streams end", what, r.missing, len(set.streams))
+	}
+	sorted := slices.Clone(r.samples)
+	slices.Sort(sorted)
+	log.Printf("%-34s closes %5d  p50 %7.1fµs  p99 %7.1fµs  max %7.1fµs", what, len(sorted),
+		micros(quantile(sorted, 0.5)), micros(quantile(sorted, 0.99)), micros(quantile(sorted, 1)))
+	return r
+}
+
+// runScale starts a fresh process per target and stream count, holds that
+// many idle streams, and measures the process's memory and CPU.
+func (b *bench) runScale(ctx context.Context) error {
+	for _, n := range b.cfg.scaleCounts {
+		for _, name := range b.cfg.targets {
+			if name == targetDirect {
+				continue
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			r, err := b.runScaleOnce(ctx, name, n)
+			if err != nil {
+				return err
+			}
+			b.res.scale = append(b.res.scale, r)
+		}
+	}
+	return nil
+}
+
+func (b *bench) runScaleOnce(ctx context.Context, name string, n int) (*scaleResult, error) {
+	g, err := b.launcher.start(name)
+	if err != nil {
+		return nil, err
+	}
+	defer b.launcher.stop(g)
+	what := fmt.Sprintf("scale %s %d streams", name, n)
+	r := &scaleResult{target: name, streams: n, window: b.cfg.scaleWindow}
+	time.Sleep(300 * time.Millisecond)
+	if g.admin != "" {
+		r.goBase, err = g.goMemory()
+		r.goOK = err == nil
+	}
+	r.rssBase = g.rss()
+	lifetime := b.cfg.scaleSettle + b.cfg.scaleWindow + 2*time.Minute
+	set := openStreams(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(int) string {
+		return fmt.Sprintf("/idle?dur=%s", lifetime)
+	}, nil)
+	r.opened, r.failed = len(set.streams), set.failed
+	time.Sleep(b.cfg.scaleSettle)
+	if g.admin != "" {
+		var err error
+		r.goLoad, err = g.goMemory()
+		r.goOK = r.goOK && err == nil
+	}
+	_, _, hb0 := set.totals()
+	cpu := startCPU(g)
+	time.Sleep(b.cfg.scaleWindow)
+	r.cpu = cpu.percent()
+	_, _, hb1 := set.totals()
+	r.heartbeats = hb1 - hb0
+	r.rssLoad = g.rss()
+	r.early = set.endedEarly()
+	set.closeAll()
+	b.launcher.stop(g)
+	b.drain(what)
+	b.checkSet(what, set, r.early)
+	switch {
+	case name == targetSSE && b.cfg.heartbeat < b.cfg.scaleWindow && r.heartbeats == 0:
+		b.res.problem("%s: no heartbeat arrived in a %s window with %s heartbeats", what, b.cfg.scaleWindow, b.cfg.heartbeat)
+	case name != targetSSE && r.heartbeats != 0:
+		b.res.problem("%s: %d comments arrived, but only the sse target sends heartbeats", what, r.heartbeats)
+	}
+	log.Printf("%-34s rss %6.1f→%6.1f MiB  %6.2f KiB/stream  cpu %5.2f%%  heartbeats %d", what,
+		mib(r.rssBase), mib(r.rssLoad), kib(r.perStreamRSS()), r.cpu, r.heartbeats)
+	return r, nil
+}
+
+// perStreamRSS is the resident memory the streams added, per stream.
+func (r *scaleResult) perStreamRSS() float64 {
+	if r.opened == 0 {
+		return 0
+	}
+	return float64(r.rssLoad-r.rssBase) / float64(r.opened)
+}
+
+// perStreamGo is the Go heap and stacks the streams added, per stream.
+func (r *scaleResult) perStreamGo() float64 {
+	if r.opened == 0 || !r.goOK {
+		return 0
+	}
+	return (r.goLoad.heapInuse + r.goLoad.stackInuse - r.goBase.heapInuse - r.goBase.stackInuse) / float64(r.opened)
+}
+
+// checkSet reports streams that failed to open or ended on their own.
+func (b *bench) checkSet(what string, set *streamSet, early int) {
+	if set.failed > 0 {
+		b.res.problem("%s: %d streams failed to open: %v", what, set.failed, set.lastErr)
+	}
+	if early > 0 {
+		b.res.problem("%s: %d streams ended before the run did", what, early)
+	}
+}
+
+// quantile returns the q-quantile of sorted samples (nearest rank).
+func quantile(sorted []int64, q float64) int64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(q*float64(len(sorted))+0.999999) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func micros(ns int64) float64 { return float64(ns) / 1e3 }
+func mib(b int64) float64     { return float64(b) / (1 << 20) }
+func kib(b float64) float64   { return b / 1024 }

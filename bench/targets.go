@@ -1,0 +1,442 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Target names, in the order they appear in the report.
+const (
+	targetDirect = "direct"
+	targetCaddy  = "caddy"
+	targetSSE    = "caddy+sse"
+	targetNginx  = "nginx"
+)
+
+// targetDescriptions says in the report what each target is.
+var targetDescriptions = map[string]string{
+	targetDirect: "clients connect straight to the upstream (the floor)",
+	targetCaddy:  "Caddy, bare `reverse_proxy` with `flush_interval -1`",
+	targetSSE:    "Caddy, `sse` + the same `reverse_proxy`",
+	targetNginx:  "nginx from Debian, `proxy_buffering off`, HTTP/1.1 to the upstream",
+}
+
+// gateway is a running target: the address clients connect to and, for the
+// proxies, the processes whose memory and CPU are measured.
+type gateway struct {
+	name  string
+	addr  string
+	admin string // Caddy's admin address (metrics, pprof); empty otherwise
+	cmd   *exec.Cmd
+	// children says whether the measured processes include the children of
+	// cmd's process (nginx's workers).
+	children bool
+	exited   chan struct{}
+	logPath  string
+}
+
+// launcher starts targets; it knows the binaries and a scratch directory, and
+// remembers everything it started so that it can stop it all on the way out.
+type launcher struct {
+	caddyBin  string
+	nginxBin  string
+	scratch   string
+	heartbeat time.Duration
+	upstream  string
+
+	mu      sync.Mutex
+	running map[*gateway]bool
+	seq     int
+}
+
+// freePort asks the kernel for an unused loopback port.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// start launches the named target and waits until it accepts connections.
+func (l *launcher) start(name string) (*gateway, error) {
+	if name == targetDirect {
+		return &gateway{name: name, addr: l.upstream}, nil
+	}
+	l.mu.Lock()
+	l.seq++
+	dir := filepath.Join(l.scratch, fmt.Sprintf("%02d-%s", l.seq, strings.ReplaceAll(name, "+", "-")))
+	l.mu.Unlock()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	g := &gateway{name: name, addr: fmt.Sprintf("127.0.0.1:%d", port), exited: make(chan struct{}), logPath: filepath.Join(dir, "log")}
+	switch name {
+	case targetCaddy, targetSSE:
+		adminPort, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		g.admin = fmt.Sprintf("127.0.0.1:%d", adminPort)
+		conf := caddyfile(port, adminPort, l.upstream, name == targetSSE, l.heartbeat)
+		if err := os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(conf), 0o644); err != nil {
+			return nil, err
+		}
+		g.cmd = exec.Command(l.caddyBin, "run", "--config", filepath.Join(dir, "Caddyfile"), "--adapter", "caddyfile")
+		// Caddy keeps its data and autosaved config under HOME / XDG
+		// directories; keep them in the scratch directory.
+		g.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+		g.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	case targetNginx:
+		conf := nginxConf(port, l.upstream, dir)
+		if err := os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(conf), 0o644); err != nil {
+			return nil, err
+		}
+		g.cmd = exec.Command(l.nginxBin, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"), "-e", filepath.Join(dir, "error.log"))
+		g.children = true
+		// SIGTERM, not SIGKILL: the master then takes its workers down too.
+		g.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	default:
+		return nil, fmt.Errorf("unknown target %q", name)
+	}
+	logFile, err := os.Create(g.logPath)
+	if err != nil {
+		return nil, err
+	}
+	g.cmd.Stdout, g.cmd.Stderr = logFile, logFile
+	if err := g.cmd.Start(); err != nil {
+		logFile.Close()
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	go func() {
+		_ = g.cmd.Wait()
+		logFile.Close()
+		close(g.exited)
+	}()
+	l.mu.Lock()
+	l.running[g] = true
+	l.mu.Unlock()
+	if err := g.waitListening(15 * time.Second); err != nil {
+		l.stop(g)
+		return nil, fmt.Errorf("%s did not come up: %w; log:\n%s", name, err, tail(g.logPath, 20))
+	}
+	return g, nil
+}
+
+// waitListening polls the target's port until it accepts a connection.
+func (g *gateway) waitListening(limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		select {
+		case <-g.exited:
+			return errors.New("process exited")
+		default:
+		}
+		c, err := net.DialTimeout("tcp", g.addr, time.Second)
+		if err == nil {
+			c.Close()
+			if g.name != targetNginx || len(g.pids()) > 1 {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("nothing listening on %s after %s", g.addr, limit)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// stop ends a target: SIGTERM first, SIGKILL (to the whole process group)
+// when it has not exited within 5 seconds.
+func (l *launcher) stop(g *gateway) {
+	if g == nil || g.cmd == nil {
+		return
+	}
+	_ = g.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-g.exited:
+	case <-time.After(5 * time.Second):
+		_ = syscall.Kill(-g.cmd.Process.Pid, syscall.SIGKILL)
+		<-g.exited
+	}
+	// nginx's workers leave with their master, but make sure.
+	_ = syscall.Kill(-g.cmd.Process.Pid, syscall.SIGKILL)
+	l.mu.Lock()
+	delete(l.running, g)
+	l.mu.Unlock()
+}
+
+// stopAll stops whatever is still running.
+func (l *launcher) stopAll() {
+	l.mu.Lock()
+	var all []*gateway
+	for g := range l.running {
+		all = append(all, g)
+	}
+	l.mu.Unlock()
+	for _, g := range all {
+		l.stop(g)
+	}
+}
+
+// caddyfile is the configuration of a Caddy target. The two Caddy targets
+// differ only by the sse directive.
+func caddyfile(port, adminPort int, upstream string, withSSE bool, heartbeat time.Duration) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "{\n\tadmin 127.0.0.1:%d\n\tpersist_config off\n\tauto_https off\n\tgrace_period 1s\n}\n\n", adminPort)
+	fmt.Fprintf(&b, "http://:%d {\n\tbind 127.0.0.1\n", port)
+	if withSSE {
+		fmt.Fprintf(&b, "\tsse {\n\t\theartbeat %s\n\t}\n", heartbeat)
+	}
+	fmt.Fprintf(&b, "\treverse_proxy %s {\n\t\tflush_interval -1\n\t}\n}\n", upstream)
+	return b.String()
+}
+
+// nginxConf is the configuration of the nginx target: two workers (one per
+// core, like Caddy's GOMAXPROCS), no buffering, HTTP/1.1 to the upstream.
+func nginxConf(port int, upstream, dir string) string {
+	return fmt.Sprintf(`daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid %[3]s/nginx.pid;
+error_log %[3]s/error.log warn;
+
+events {
+    worker_connections 20000;
+    use epoll;
+}
+
+http {
+    access_log off;
+    client_body_temp_path %[3]s/client_body;
+    proxy_temp_path %[3]s/proxy;
+    fastcgi_temp_path %[3]s/fastcgi;
+    uwsgi_temp_path %[3]s/uwsgi;
+    scgi_temp_path %[3]s/scgi;
+
+    server {
+        listen 127.0.0.1:%[1]d backlog=4096;
+        location / {
+            proxy_pass http://%[2]s;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_cache off;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+    }
+}
+`, port, upstream, dir)
+}
+
+// pids lists the processes that make up the target: the process started and,
+// for nginx, its workers.
+func (g *gateway) pids() []int {
+	if g.cmd == nil {
+		return nil
+	}
+	root := g.cmd.Process.Pid
+	pids := []int{root}
+	if !g.children {
+		return pids
+	}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if st, err := readProcStat(pid); err == nil && st.ppid == root {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// procStat is what the benchmarks read from /proc/PID/stat.
+type procStat struct {
+	ppid     int
+	cpuTicks int64 // utime + stime, in clock ticks
+}
+
+// clockTicks is USER_HZ, the unit of /proc/PID/stat's times; 100 on Linux.
+const clockTicks = 100
+
+func readProcStat(pid int) (procStat, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return procStat{}, err
+	}
+	// The command name (field 2) may hold spaces; the fields after it start
+	// after the last ')'.
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 {
+		return procStat{}, errors.New("malformed stat")
+	}
+	fields := strings.Fields(string(data[i+1:]))
+	// fields[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
+	if len(fields) < 13 {
+		return procStat{}, errors.New("short stat")
+	}
+	ppid, _ := strconv.Atoi(fields[1])
+	utime, _ := strconv.ParseInt(fields[11], 10, 64)
+	stime, _ := strconv.ParseInt(fields[12], 10, 64)
+	return procStat{ppid: ppid, cpuTicks: utime + stime}, nil
+}
+
+// readRSS returns VmRSS of a process, in bytes.
+func readRSS(pid int) (int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			return kb << 10, err
+		}
+	}
+	return 0, errors.New("no VmRSS")
+}
+
+// rss is the resident memory of all the target's processes, in bytes.
+func (g *gateway) rss() int64 {
+	var total int64
+	for _, pid := range g.pids() {
+		if n, err := readRSS(pid); err == nil {
+			total += n
+		}
+	}
+	return total
+}
+
+// cpuTicks is the CPU time used so far by all the target's processes.
+func (g *gateway) cpuTicks() int64 {
+	var total int64
+	for _, pid := range g.pids() {
+		if st, err := readProcStat(pid); err == nil {
+			total += st.cpuTicks
+		}
+	}
+	return total
+}
+
+// cpuMeter measures a target's CPU use over a span of wall time.
+type cpuMeter struct {
+	g     *gateway
+	ticks int64
+	at    time.Time
+}
+
+func startCPU(g *gateway) cpuMeter { return cpuMeter{g: g, ticks: g.cpuTicks(), at: time.Now()} }
+
+// percent is the CPU used since start, in percent of one core.
+func (m cpuMeter) percent() float64 {
+	if m.g.cmd == nil {
+		return 0
+	}
+	wall := time.Since(m.at).Seconds()
+	used := float64(m.g.cpuTicks()-m.ticks) / clockTicks
+	return 100 * used / wall
+}
+
+// goMemory asks a Caddy target to collect garbage and reports the Go heap and
+// goroutine stacks in use, and the number of goroutines. These are finer than
+// RSS, which also holds memory the runtime has freed but not yet returned.
+type goMemory struct {
+	heapInuse, stackInuse, goroutines float64
+}
+
+func (g *gateway) goMemory() (goMemory, error) {
+	if g.admin == "" {
+		return goMemory{}, errors.New("no admin endpoint")
+	}
+	client := &http.Client{Timeout: 10 * time.Second}
+	// The heap profile endpoint runs a collection first when gc=1.
+	resp, err := client.Get("http://" + g.admin + "/debug/pprof/heap?gc=1")
+	if err != nil {
+		return goMemory{}, err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	resp, err = client.Get("http://" + g.admin + "/metrics")
+	if err != nil {
+		return goMemory{}, err
+	}
+	defer resp.Body.Close()
+	var m goMemory
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		name, value, ok := strings.Cut(sc.Text(), " ")
+		if !ok {
+			continue
+		}
+		v, err := strconv.ParseFloat(value, 64)
+		if err != nil {
+			continue
+		}
+		switch name {
+		case "go_memstats_heap_inuse_bytes":
+			m.heapInuse = v
+		case "go_memstats_stack_inuse_bytes":
+			m.stackInuse = v
+		case "go_goroutines":
+			m.goroutines = v
+		}
+	}
+	return m, sc.Err()
+}
+
+// cpuProfile saves a CPU profile of a Caddy target taken over seconds.
+func (g *gateway) cpuProfile(ctx context.Context, seconds int, path string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", g.admin, seconds), nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(f, resp.Body)
+	return err
+}
+
+// tail returns the last n lines of a file, for error messages.
+func tail(path string, n int) string {
+	data, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
