@@ -45,7 +45,8 @@ func run() error {
 		targets  = flag.String("targets", strings.Join([]string{targetDirect, targetCaddy, targetSSE, targetNginx}, ","), "targets to measure, comma-separated")
 		scale    = flag.String("scale", "", "stream counts for the scale scenario, comma-separated (default 1000,5000,8000; smoke 50)")
 		note     = flag.String("note", "", "a sentence about the machine's state during the run, for the report (for example that it was shared)")
-		profile  = flag.String("profile", "", "save CPU profiles of the sse target (largest scale count, and throughput) into this directory")
+		profile  = flag.String("profile", "", "save CPU and heap profiles of the sse target (idle streams at the largest scale count, one fast stream of 64 KiB events) into this directory")
+		only     = flag.String("scenarios", "latency,throughput,teardown,scale", "scenarios to run, comma-separated (the report leaves out the others)")
 	)
 	flag.Parse()
 
@@ -54,6 +55,25 @@ func run() error {
 		cfg = smokeConfig()
 	}
 	cfg.targets = strings.Split(*targets, ",")
+	cfg.scenarios = map[string]bool{}
+	for _, s := range strings.Split(*only, ",") {
+		switch s {
+		case "latency", "throughput", "teardown", "scale":
+			cfg.scenarios[s] = true
+		case "":
+		default:
+			return fmt.Errorf("unknown scenario %q", s)
+		}
+	}
+	if !cfg.scenarios["latency"] {
+		cfg.latencyCounts = nil
+	}
+	if !cfg.scenarios["throughput"] {
+		cfg.throughputSizes = nil
+	}
+	if !cfg.scenarios["scale"] {
+		cfg.scaleCounts = nil
+	}
 	for _, t := range cfg.targets {
 		if targetDescriptions[t] == "" {
 			return fmt.Errorf("unknown target %q", t)
@@ -128,8 +148,10 @@ func run() error {
 	b := &bench{cfg: cfg, up: up, dialers: newDialers(), launcher: l, res: res}
 	log.Printf("targets %s; upstream on %s; open files %d", strings.Join(cfg.targets, ", "), up.addr(), limit)
 
-	if err := b.runShared(ctx); err != nil {
-		return err
+	if cfg.scenarios["latency"] || cfg.scenarios["throughput"] || cfg.scenarios["teardown"] {
+		if err := b.runShared(ctx); err != nil {
+			return err
+		}
 	}
 	if err := b.runScale(ctx); err != nil {
 		return err
@@ -150,7 +172,15 @@ func run() error {
 		if err := writePlots(res, *out); err != nil {
 			return fmt.Errorf("plots: %w", err)
 		}
-		if err := writeReport(res, machine, filepath.Join(*out, "benchmarks.md")); err != nil {
+		// The analysis is written by hand from the profiles; a smoke run's
+		// report, which measures nothing, leaves it out.
+		var notes []byte
+		if !cfg.smoke {
+			if notes, err = os.ReadFile(filepath.Join(*root, "bench", "analysis.md")); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+		}
+		if err := writeReport(res, machine, string(notes), filepath.Join(*out, "benchmarks.md")); err != nil {
 			return fmt.Errorf("report: %w", err)
 		}
 		log.Printf("wrote %s", filepath.Join(*out, "benchmarks.md"))
@@ -228,18 +258,24 @@ func (b *bench) profileSSE(ctx context.Context, dir string) error {
 		return err
 	}
 	defer b.launcher.stop(g)
-	n := b.cfg.scaleCounts[len(b.cfg.scaleCounts)-1]
+	n := fullConfig().scaleCounts[0]
+	if len(b.cfg.scaleCounts) > 0 {
+		n = b.cfg.scaleCounts[len(b.cfg.scaleCounts)-1]
+	}
 	set := openStreams(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(int) string { return "/idle?dur=5m" }, nil)
-	seconds := int(b.cfg.scaleWindow / time.Second)
+	seconds := max(int(b.cfg.scaleWindow/time.Second), 1)
 	log.Printf("profiling %s with %d idle streams for %ds", g.name, len(set.streams), seconds)
 	err = g.cpuProfile(ctx, seconds, filepath.Join(dir, "sse-idle.pprof"))
+	if err == nil {
+		err = g.heapProfile(ctx, filepath.Join(dir, "sse-idle-heap.pprof"))
+	}
 	set.closeAll()
 	b.drain("profile idle")
 	if err != nil {
 		return err
 	}
-	set = openStreams(ctx, b.dialers, g.addr, 1, 1, func(int) string { return "/events?interval=0&size=1024&dur=5m" }, nil)
-	log.Printf("profiling %s with one fast stream for 5s", g.name)
+	set = openStreams(ctx, b.dialers, g.addr, 1, 1, func(int) string { return "/events?interval=0&size=65536&dur=5m" }, nil)
+	log.Printf("profiling %s with one fast stream of 64 KiB events for 5s", g.name)
 	err = g.cpuProfile(ctx, 5, filepath.Join(dir, "sse-throughput.pprof"))
 	set.closeAll()
 	b.drain("profile throughput")

@@ -94,11 +94,13 @@ func memoryPlot(res *results, path string) error {
 	p.Y.Min = 0
 	p.Legend.Top = true
 	p.Add(plotter.NewGrid())
+	highest := 1.0
 	for _, t := range res.cfg.targets {
 		var pts plotter.XYs
 		for _, s := range res.scale {
 			if s.target == t && s.opened > 0 {
 				pts = append(pts, plotter.XY{X: float64(s.opened), Y: kib(s.perStreamRSS())})
+				highest = math.Max(highest, kib(s.perStreamRSS()))
 			}
 		}
 		if len(pts) == 0 {
@@ -108,6 +110,8 @@ func memoryPlot(res *results, path string) error {
 			return err
 		}
 	}
+	// Room above the lines for the legend.
+	p.Y.Max = highest * 1.4
 	return p.Save(18*vg.Centimeter, 11*vg.Centimeter, path)
 }
 

@@ -115,7 +115,10 @@ func verdict(ok bool) string {
 }
 
 // writeReport writes docs/benchmarks.md.
-func writeReport(res *results, m machine, path string) error {
+//
+// notes, when not empty, is hand-written analysis (bench/analysis.md) placed
+// after the tables.
+func writeReport(res *results, m machine, notes, path string) error {
 	var b strings.Builder
 	cfg := res.cfg
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
@@ -186,6 +189,14 @@ func writeReport(res *results, m machine, path string) error {
 			if s != nil && c != nil {
 				extra := s.perStreamRSS() - c.perStreamRSS()
 				w("| extra memory ≤ 1 KiB per stream over bare reverse_proxy (%d streams, RSS) | %+.2f KiB | %s |\n",
+					n, kib(extra), verdict(extra <= 1024))
+			}
+		}
+		for _, n := range cfg.scaleCounts {
+			s, c := res.scaleFor(targetSSE, n), res.scaleFor(targetCaddy, n)
+			if s != nil && c != nil && s.goOK && c.goOK {
+				extra := s.perStreamGo() - c.perStreamGo()
+				w("| extra memory ≤ 1 KiB per stream over bare reverse_proxy (%d streams, Go heap+stack after a collection) | %+.2f KiB | %s |\n",
 					n, kib(extra), verdict(extra <= 1024))
 			}
 		}
@@ -328,6 +339,10 @@ func writeReport(res *results, m machine, path string) error {
 	}
 	w("\n")
 
+	if notes != "" {
+		w("%s\n", strings.TrimSpace(notes))
+		w("\n")
+	}
 	if len(res.problems) > 0 {
 		w("## Problems seen during the run\n\n")
 		for _, p := range res.problems {

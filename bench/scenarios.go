@@ -10,9 +10,10 @@ import (
 
 // config is what a run measures and for how long.
 type config struct {
-	smoke   bool
-	targets []string
-	rounds  int
+	smoke     bool
+	targets   []string
+	scenarios map[string]bool
+	rounds    int
 
 	latencyCounts []int
 	eventRate     float64 // events per second over all streams of a latency run
@@ -214,6 +215,9 @@ func (b *bench) runShared(ctx context.Context) error {
 			}
 		}
 		for _, name := range order {
+			if !b.cfg.scenarios["teardown"] {
+				break
+			}
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
@@ -357,6 +361,9 @@ func (b *bench) runTeardown(ctx context.Context, g *gateway) *teardownResult {
 // runScale starts a fresh process per target and stream count, holds that
 // many idle streams, and measures the process's memory and CPU.
 func (b *bench) runScale(ctx context.Context) error {
+	if !b.cfg.scenarios["scale"] {
+		return nil
+	}
 	for _, n := range b.cfg.scaleCounts {
 		for _, name := range b.cfg.targets {
 			if name == targetDirect {

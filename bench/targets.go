@@ -431,6 +431,26 @@ func (g *gateway) cpuProfile(ctx context.Context, seconds int, path string) erro
 	return err
 }
 
+// heapProfile saves a heap profile of a Caddy target, after a collection.
+func (g *gateway) heapProfile(ctx context.Context, path string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+g.admin+"/debug/pprof/heap?gc=1", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(f, resp.Body)
+	return err
+}
+
 // tail returns the last n lines of a file, for error messages.
 func tail(path string, n int) string {
 	data, _ := os.ReadFile(path)
