@@ -244,8 +244,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// The gateway must read the upstream's events to find their boundaries,
 	// so the upstream has to answer uncompressed; `encode` can still
 	// compress toward the client. Removing the header would not do: Go's
-	// transport then asks for gzip on its own.
-	r.Header.Set("Accept-Encoding", "identity")
+	// transport then asks for gzip on its own. (Overwriting the value the
+	// client sent, as browsers do, allocates nothing.)
+	if ae := r.Header["Accept-Encoding"]; len(ae) > 0 {
+		ae[0] = "identity"
+		r.Header["Accept-Encoding"] = ae[:1]
+	} else {
+		r.Header.Set("Accept-Encoding", "identity")
+	}
 
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(nil)
