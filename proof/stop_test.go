@@ -1,3 +1,5 @@
+//go:build linux
+
 package proof
 
 import (
@@ -11,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -58,6 +61,8 @@ http://127.0.0.1:%d {
 `, adminPort, filepath.Join(dir, "storage"), port, drainWindow, strings.TrimPrefix(legacy.URL, "http://"))), 0o600)
 	run := exec.Command(bin, "run", "--config", caddyfile, "--adapter", "caddyfile")
 	run.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	// Caddy must not outlive this test, even if the test binary is killed.
+	run.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var logs strings.Builder
 	run.Stdout, run.Stderr = &logs, &logs
 	if err := run.Start(); err != nil {
