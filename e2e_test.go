@@ -60,6 +60,13 @@ func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Write([]byte(`{"ok": true}` + "\n"))
 		return
+	case "quiet-end":
+		// A stream that sends one event, stays quiet for 700ms, and ends.
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Write([]byte("data: only\n\n"))
+		http.NewResponseController(w).Flush()
+		<-time.After(700 * time.Millisecond)
+		return
 	case "flood":
 		w.Header().Set("Content-Type", "text/event-stream")
 		chunk := []byte("data: " + strings.Repeat("x", 64<<10) + "\n\n")
@@ -470,6 +477,21 @@ func TestE2E(t *testing.T) {
 		t.Logf("stalled client: upstream cancelled %v after the request (write_timeout 500ms)", took)
 		if took > 3*time.Second {
 			t.Fatalf("stalled client held its upstream for %v with write_timeout 500ms", took)
+		}
+	})
+
+	t.Run("clean end after a quiet spell longer than write_timeout", func(t *testing.T) {
+		// Over HTTP/1.1 the write deadline stays armed between writes. When
+		// the stream has been quiet past it and the upstream then ends, the
+		// response's last chunk must still go out: a clean end, not a cut.
+		resp, err := streamClient.Get(e2eHost + "/stall?kind=quiet-end") // write_timeout 500ms
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || string(body) != "data: only\n\n" {
+			t.Fatalf("body %q, err %v; want the event and a clean end", body, err)
 		}
 	})
 

@@ -253,7 +253,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		r.Header.Set("Accept-Encoding", "identity")
 	}
 
-	ctx, cancel := context.WithCancelCause(r.Context())
+	// The next handler gets a context the gateway can end. The client's
+	// leaving ends it too, through one callback that also times it: one
+	// registration on the request's context instead of two.
+	ctx, cancel := context.WithCancelCause(context.WithoutCancel(r.Context()))
 	defer cancel(nil)
 	sw := &streamWriter{
 		ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
@@ -261,6 +264,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		req:                   r,
 		cancelUpstream:        cancel,
 	}
+	defer context.AfterFunc(r.Context(), sw.clientGone)()
 	return sw.serve(next, r.WithContext(ctx))
 }
 
@@ -317,6 +321,10 @@ type streamWriter struct {
 	// writeFailed is true when the client could not be written to.
 	writeFailed bool
 	noDeadline  bool // the underlying writer cannot take write deadlines
+	// lazyDeadline is true over HTTP/1.1, where the write deadline stays
+	// armed between writes (see armWriteDeadline); deadline is its value.
+	lazyDeadline bool
+	deadline     time.Time
 
 	times streamTimes
 
@@ -325,8 +333,7 @@ type streamWriter struct {
 
 	// clientGoneAt is when the client was found gone (Unix ns), so the
 	// teardown that follows can be timed.
-	clientGoneAt       atomic.Int64
-	stopWatchingClient func() bool
+	clientGoneAt atomic.Int64
 }
 
 // serve runs the next handler and ends the stream it produced, if any.
@@ -407,6 +414,7 @@ func (sw *streamWriter) engage(status int) {
 	header.Del("Content-Length")
 	sw.engaged = true
 	sw.rc = http.NewResponseController(sw.ResponseWriter)
+	sw.lazyDeadline = sw.req.ProtoMajor == 1
 	sw.state = newEventState()
 	setClientTimeout(sw.req.Context(), time.Duration(sw.h.WriteTimeout))
 
@@ -418,10 +426,15 @@ func (sw *streamWriter) engage(status int) {
 	}
 	sw.mu.Unlock()
 	sseMetrics.active.Inc()
-	sw.stopWatchingClient = context.AfterFunc(sw.req.Context(), sw.markClientGone)
 	if started && sw.h.streams.add(sw) {
 		sw.drainWithin(time.Duration(sw.h.DrainWindow))
 	}
+}
+
+// clientGone releases the upstream when the client has gone away.
+func (sw *streamWriter) clientGone() {
+	sw.markClientGone()
+	sw.cancelUpstream(errClientGone)
 }
 
 // markClientGone records when the client was found gone, for the teardown
@@ -444,7 +457,6 @@ func (sw *streamWriter) Write(p []byte) (int, error) {
 	if sw.closed {
 		return 0, errStreamClosed
 	}
-	sw.upstreamActiveLocked()
 	prefix, rest := sw.state.takeBOM(p, sw.bytesOut > 0)
 	if sw.times.closing != "" {
 		// A close is waiting for the event in flight to end: forward up to
@@ -453,6 +465,7 @@ func (sw *streamWriter) Write(p []byte) (int, error) {
 		if !sw.writeLocked(prefix, rest) {
 			return 0, errClientGone
 		}
+		sw.upstreamActiveLocked()
 		if sw.state.atBoundary() {
 			sw.closeLocked(sw.times.closing)
 		}
@@ -463,6 +476,7 @@ func (sw *streamWriter) Write(p []byte) (int, error) {
 	if !sw.writeLocked(prefix, rest) {
 		return 0, errClientGone
 	}
+	sw.upstreamActiveLocked()
 	if n := sw.state.events - events; n > 0 {
 		sseMetrics.events.Add(float64(n))
 	}
@@ -495,7 +509,8 @@ func (sw *streamWriter) FlushError() error {
 // the write deadline. It reports whether that worked; if not, the stream is
 // over and the upstream is cancelled.
 func (sw *streamWriter) writeLocked(a, b []byte) bool {
-	sw.setWriteDeadline(time.Now().Add(time.Duration(sw.h.WriteTimeout)))
+	now := sw.h.clock.Now()
+	sw.armWriteDeadline(now)
 	var err error
 	written := 0
 	for _, p := range [2][]byte{a, b} {
@@ -516,9 +531,32 @@ func (sw *streamWriter) writeLocked(a, b []byte) bool {
 		sw.failLocked(err)
 		return false
 	}
-	sw.setWriteDeadline(time.Time{})
-	sw.clientActiveLocked()
+	if !sw.lazyDeadline {
+		sw.setWriteDeadline(time.Time{})
+	}
+	sw.clientActiveLocked(now)
 	return true
+}
+
+// armWriteDeadline bounds the write about to start by write_timeout.
+//
+// Over HTTP/1.1 the deadline stays armed between writes and is pushed
+// forward only once a tenth of write_timeout has passed since it was set,
+// so most writes set none and each must finish within 90 to 100 % of
+// write_timeout. An expired deadline on an idle HTTP/1.1 connection does
+// nothing until the next write, which pushes it forward first. HTTP/2 and
+// HTTP/3 reset a stream whose deadline passes even while it is idle, so
+// there each write sets a deadline and clears it afterwards.
+func (sw *streamWriter) armWriteDeadline(now time.Time) {
+	timeout := time.Duration(sw.h.WriteTimeout)
+	if !sw.lazyDeadline {
+		sw.setWriteDeadline(now.Add(timeout))
+		return
+	}
+	if sw.deadline.Sub(now) < timeout-timeout/10 {
+		sw.deadline = now.Add(timeout)
+		sw.setWriteDeadline(sw.deadline)
+	}
 }
 
 func (sw *streamWriter) setWriteDeadline(t time.Time) {
@@ -593,13 +631,14 @@ func (sw *streamWriter) finish(upstreamFailed bool) endReason {
 		}
 		sw.closed = true
 	}
+	if sw.lazyDeadline && !sw.writeFailed && !sw.deadline.IsZero() {
+		// The connection may carry more requests: leave it no deadline.
+		sw.setWriteDeadline(time.Time{})
+	}
 	sw.stopClockLocked()
 	sw.mu.Unlock()
 	sw.times.callbacks.Wait()
 	sw.h.streams.remove(sw)
-	if sw.stopWatchingClient != nil {
-		sw.stopWatchingClient()
-	}
 
 	sseMetrics.active.Dec()
 	sseMetrics.ended.WithLabelValues(string(sw.reason)).Inc()

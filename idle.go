@@ -125,18 +125,17 @@ func (sw *streamWriter) nextDueLocked() (time.Duration, bool) {
 	return due, found
 }
 
-// upstreamActiveLocked records that the upstream sent body bytes.
-func (sw *streamWriter) upstreamActiveLocked() {
-	if sw.h.IdleTimeout > 0 {
-		sw.times.lastUpstream = sw.sinceStart()
+// clientActiveLocked records that the client received bytes at now.
+func (sw *streamWriter) clientActiveLocked(now time.Time) {
+	if !sw.times.start.IsZero() {
+		sw.times.quietSince = now.Sub(sw.times.start)
 	}
 }
 
-// clientActiveLocked records that the client received bytes.
-func (sw *streamWriter) clientActiveLocked() {
-	if sw.h.Heartbeat > 0 && !sw.times.start.IsZero() {
-		sw.times.quietSince = sw.sinceStart()
-	}
+// upstreamActiveLocked records that the upstream's bytes were just
+// forwarded, at the moment clientActiveLocked recorded.
+func (sw *streamWriter) upstreamActiveLocked() {
+	sw.times.lastUpstream = sw.times.quietSince
 }
 
 // onTimer is the stream's timer callback: it acts on whatever is due and
