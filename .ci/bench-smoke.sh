@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# The benchmark harness's smoke run (see bench/smoke.sh): every target and scenario with tiny counts.
+set -euo pipefail
+exec bash "$(dirname "$0")/../bench/smoke.sh"
