@@ -138,7 +138,7 @@ func TestDemoPageInHeadlessChromium(t *testing.T) {
 		chromedp.Flag("disable-quic", true),
 		chromedp.Flag("disable-dev-shm-usage", true),
 		chromedp.UserDataDir(t.TempDir()),
-		chromedp.WindowSize(1200, 860),
+		chromedp.WindowSize(1200, 720),
 	)
 	defer cancelAlloc()
 	browserCtx, cancelBrowser := chromedp.NewContext(allocCtx)
@@ -425,6 +425,12 @@ type pageState struct {
 	ESState      string `json:"esState"`
 }
 
+// String shows the state as the page's JSON, for failure messages.
+func (s pageState) String() string {
+	b, _ := json.Marshal(s)
+	return string(b)
+}
+
 // waitForPage polls the page's state until cond holds, for at most within.
 func waitForPage(t *testing.T, ctx context.Context, what string, within time.Duration, cond func(pageState) bool) pageState {
 	t.Helper()
@@ -438,7 +444,7 @@ func waitForPage(t *testing.T, ctx context.Context, what string, within time.Dur
 			return state
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the page did not show %s within %s; its state: %+v", what, within, state)
+			t.Fatalf("the page did not show %s within %s; its state: %v", what, within, state)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
