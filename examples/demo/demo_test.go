@@ -216,7 +216,9 @@ func TestDemoPageInHeadlessChromium(t *testing.T) {
 	// Closing the tab closes both of its streams; the gateway must tear
 	// both upstream connections down at once.
 	closeTab()
+	closedAt := time.Now()
 	demo.waitUpstreamOpen(t, 0, 2*time.Second)
+	t.Logf("the upstream's open connections were back to 0 %s after the tab closed", time.Since(closedAt).Round(time.Millisecond))
 }
 
 // runningDemo is a demo started by startDemo.
