@@ -5,12 +5,13 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/url"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
+
+	"github.com/ssegateway/caddy-sse/internal/headless"
 )
 
 // browserPage is the page the browser opens, served by the upstream
@@ -43,16 +44,7 @@ source.addEventListener("` + clientCloseEvent + `", record("close"));
 // the upstream see its connection end within a second.
 func TestBrowserEventSource(t *testing.T) {
 	rec := report.start(t, "browser")
-	browser := ""
-	for _, name := range []string{"chromium", "chromium-browser"} {
-		if path, err := exec.LookPath(name); err == nil {
-			browser = path
-			break
-		}
-	}
-	if browser == "" {
-		requireTool(t, "no chromium in PATH (Debian: apt-get install -y chromium)")
-	}
+	browser := headless.Chromium(t)
 
 	up := newUpstream(t)
 	up.handle("script", scriptBehavior)
@@ -62,20 +54,7 @@ func TestBrowserEventSource(t *testing.T) {
 	})
 	g := startGateway(t, up, gatewayConfig{profiles: map[string]profile{"browser": clientProfile}})
 
-	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
-		chromedp.ExecPath(browser),
-		chromedp.Headless,
-		chromedp.NoSandbox,
-		chromedp.DisableGPU,
-		chromedp.NoFirstRun,
-		chromedp.NoDefaultBrowserCheck,
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.Flag("disable-sync", true),
-		chromedp.Flag("disable-quic", true),
-		chromedp.Flag("disable-dev-shm-usage", true),
-		chromedp.UserDataDir(t.TempDir()),
-	)
+	allocCtx, cancelAlloc := headless.Allocator(browser, t.TempDir())
 	defer cancelAlloc()
 	// Every browser step is bounded by this on top of its own deadline. It
 	// cannot be a deadline of the contexts below: chromedp ties a browser

@@ -10,13 +10,14 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
+
+	"github.com/ssegateway/caddy-sse/internal/headless"
 )
 
 var screenshotPath = flag.String("screenshot", "", "also write the browser test's screenshot of the demo page to this `file` (docs/demo.png is made with -screenshot=../../docs/demo.png)")
@@ -122,24 +123,10 @@ func TestDemoPageAndStream(t *testing.T) {
 // Last-Event-ID; a screenshot is taken, and closing the tab brings the
 // upstream's open connections back to 0.
 func TestDemoPageInHeadlessChromium(t *testing.T) {
-	browser := findChromium(t)
+	browser := headless.Chromium(t)
 	demo := startDemo(t)
 
-	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
-		chromedp.ExecPath(browser),
-		chromedp.Headless,
-		chromedp.NoSandbox,
-		chromedp.DisableGPU,
-		chromedp.NoFirstRun,
-		chromedp.NoDefaultBrowserCheck,
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.Flag("disable-sync", true),
-		chromedp.Flag("disable-quic", true),
-		chromedp.Flag("disable-dev-shm-usage", true),
-		chromedp.UserDataDir(t.TempDir()),
-		chromedp.WindowSize(1200, 720),
-	)
+	allocCtx, cancelAlloc := headless.Allocator(browser, t.TempDir(), chromedp.WindowSize(1200, 720))
 	defer cancelAlloc()
 	browserCtx, cancelBrowser := chromedp.NewContext(allocCtx)
 	defer cancelBrowser()
@@ -450,23 +437,6 @@ func waitForPage(t *testing.T, ctx context.Context, what string, within time.Dur
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-}
-
-// findChromium returns the browser to drive. Without one, the test fails in
-// CI and is skipped on a developer's machine.
-func findChromium(t *testing.T) string {
-	t.Helper()
-	for _, name := range []string{"chromium", "chromium-browser", "google-chrome", "headless-shell"} {
-		if path, err := exec.LookPath(name); err == nil {
-			return path
-		}
-	}
-	const why = "no Chromium found in PATH (on Debian: apt-get install -y chromium)"
-	if os.Getenv("CI") == "true" {
-		t.Fatal(why)
-	}
-	t.Skip(why + "; skipping the browser test outside CI")
-	return ""
 }
 
 // syncBuffer collects the demo's output from several goroutines.
