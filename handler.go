@@ -538,36 +538,6 @@ func (sw *streamWriter) writeLocked(a, b []byte) bool {
 	return true
 }
 
-// armWriteDeadline bounds the write about to start by write_timeout.
-//
-// Over HTTP/1.1 the deadline stays armed between writes and is pushed
-// forward only once a tenth of write_timeout has passed since it was set,
-// so most writes set none and each must finish within 90 to 100 % of
-// write_timeout. An expired deadline on an idle HTTP/1.1 connection does
-// nothing until the next write, which pushes it forward first. HTTP/2 and
-// HTTP/3 reset a stream whose deadline passes even while it is idle, so
-// there each write sets a deadline and clears it afterwards.
-func (sw *streamWriter) armWriteDeadline(now time.Time) {
-	timeout := time.Duration(sw.h.WriteTimeout)
-	if !sw.lazyDeadline {
-		sw.setWriteDeadline(now.Add(timeout))
-		return
-	}
-	if sw.deadline.Sub(now) < timeout-timeout/10 {
-		sw.deadline = now.Add(timeout)
-		sw.setWriteDeadline(sw.deadline)
-	}
-}
-
-func (sw *streamWriter) setWriteDeadline(t time.Time) {
-	if sw.noDeadline {
-		return
-	}
-	if err := sw.rc.SetWriteDeadline(t); errors.Is(err, http.ErrNotSupported) {
-		sw.noDeadline = true
-	}
-}
-
 // failLocked ends the stream after a failed write to the client.
 func (sw *streamWriter) failLocked(err error) {
 	sw.writeFailed = true

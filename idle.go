@@ -1,14 +1,16 @@
 package caddysse
 
 import (
+	"errors"
 	"math/rand/v2"
+	"net/http"
 	"sync"
 	"time"
 )
 
 // This file is the stream's sense of time: heartbeats, the idle limit, the
-// maximum lifetime, the wait for an event boundary before a close, and the
-// close grace. Each stream has one timer, armed for the earliest moment
+// maximum lifetime, draining, the wait for an event boundary before a close,
+// the close grace, and the write deadline. Each stream has one timer, armed for the earliest moment
 // something may be due. Writes only record when they happened; the timer
 // re-arms itself lazily when it fires, so the hot path never touches it.
 
@@ -210,6 +212,36 @@ func (sw *streamWriter) drainWithin(window time.Duration) {
 	sw.times.draining = true
 	sw.times.drainAt = now + rand.N(window+1)
 	sw.armLocked(now)
+}
+
+// armWriteDeadline bounds the write about to start by write_timeout.
+//
+// Over HTTP/1.1 the deadline stays armed between writes and is pushed
+// forward only once a tenth of write_timeout has passed since it was set,
+// so most writes set none and each must finish within 90 to 100 % of
+// write_timeout. An expired deadline on an idle HTTP/1.1 connection does
+// nothing until the next write, which pushes it forward first. HTTP/2 and
+// HTTP/3 reset a stream whose deadline passes even while it is idle, so
+// there each write sets a deadline and clears it afterwards.
+func (sw *streamWriter) armWriteDeadline(now time.Time) {
+	timeout := time.Duration(sw.h.WriteTimeout)
+	if !sw.lazyDeadline {
+		sw.setWriteDeadline(now.Add(timeout))
+		return
+	}
+	if sw.deadline.Sub(now) < timeout-timeout/10 {
+		sw.deadline = now.Add(timeout)
+		sw.setWriteDeadline(sw.deadline)
+	}
+}
+
+func (sw *streamWriter) setWriteDeadline(t time.Time) {
+	if sw.noDeadline {
+		return
+	}
+	if err := sw.rc.SetWriteDeadline(t); errors.Is(err, http.ErrNotSupported) {
+		sw.noDeadline = true
+	}
 }
 
 // awaitClientClose gives the client up to grace to hang up by itself after
