@@ -95,6 +95,13 @@ func (s *eventState) atBoundary() bool {
 	return !s.lineStarted && !s.inEvent
 }
 
+// lastID returns the last event ID the client has seen dispatched, which it
+// will send back as Last-Event-ID, and whether the gateway knows it (an id
+// longer than maxEventIDLen is not kept).
+func (s *eventState) lastID() (id []byte, known bool) {
+	return s.lastEventID, s.lastEventIDKnown
+}
+
 // wroteAtBoundary records that the gateway wrote its own complete lines
 // (ending in LF) at a boundary, so an LF the upstream sends next is a blank
 // line of its own, as the client reads it.

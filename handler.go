@@ -612,7 +612,7 @@ func (sw *streamWriter) finish(upstreamFailed bool) endReason {
 
 	sseMetrics.active.Dec()
 	sseMetrics.ended.WithLabelValues(string(sw.reason)).Inc()
-	sseMetrics.duration.Observe(sw.h.clock.Now().Sub(sw.times.start).Seconds())
+	sseMetrics.duration.Observe(sw.age().Seconds())
 	if gone := sw.clientGoneAt.Load(); gone != 0 {
 		sseMetrics.teardown.Observe(time.Since(time.Unix(0, gone)).Seconds())
 	}
@@ -629,11 +629,13 @@ func (sw *streamWriter) logEnd(reason endReason, err error) {
 		zap.String("uri", sw.req.RequestURI),
 		zap.String("client_ip", clientIP(sw.req)),
 		zap.String("reason", string(reason)),
-		zap.Duration("duration", sw.h.clock.Now().Sub(sw.times.start)),
+		zap.Duration("duration", sw.age()),
 		zap.Int64("events", sw.state.events),
 		zap.Int64("bytes", sw.bytesOut),
 		zap.Int64("heartbeats", sw.heartbeats),
-		zap.ByteString("last_event_id", sw.state.lastEventID),
+	}
+	if id, known := sw.state.lastID(); known {
+		fields = append(fields, zap.ByteString("last_event_id", id))
 	}
 	if err != nil {
 		fields = append(fields, zap.Error(err))

@@ -63,6 +63,15 @@ func (sw *streamWriter) sinceStart() time.Duration {
 	return sw.h.clock.Now().Sub(sw.times.start)
 }
 
+// age is how long the stream has lived: 0 if its clock never started
+// (the client could not even take the header).
+func (sw *streamWriter) age() time.Duration {
+	if sw.times.start.IsZero() {
+		return 0
+	}
+	return sw.sinceStart()
+}
+
 // startClockLocked starts the stream's clock when its header has been sent.
 func (sw *streamWriter) startClockLocked() {
 	t := &sw.times
