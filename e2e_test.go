@@ -444,7 +444,7 @@ func TestE2E(t *testing.T) {
 
 	t.Run("client close tears down the upstream", func(t *testing.T) {
 		var teardown []time.Duration
-		for range 30 {
+		for range 100 {
 			s := openStream(t, "/events")
 			req := up.next(t)
 			req.send(t, "data: x\n\n")
@@ -454,7 +454,8 @@ func TestE2E(t *testing.T) {
 			teardown = append(teardown, req.waitGone(t).Sub(closed))
 		}
 		slices.Sort(teardown)
-		p50, p99 := teardown[len(teardown)/2], teardown[len(teardown)*99/100]
+		// Nearest-rank percentiles: of 100 closes, p99 is the 99th fastest.
+		p50, p99 := teardown[len(teardown)/2-1], teardown[len(teardown)*99/100-1]
 		t.Logf("client close to upstream close: p50 %v, p99 %v", p50, p99)
 		if p99 > 100*time.Millisecond {
 			t.Fatalf("upstream saw the client leave after %v at p99, want ≤ 100ms", p99)
