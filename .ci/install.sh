@@ -15,7 +15,12 @@ if [ ${#need[@]} -gt 0 ]; then
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if [ -f proof/js/package.json ]; then
-	(cd proof/js && npm ci --no-audit --no-fund --loglevel=error)
+# eventsource@4 needs Node 20 or later (the machine image has it; Debian's
+# own nodejs package is older).
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ]; then
+	echo "Node 20 or later is needed, found ${node_major}" >&2
+	exit 1
 fi
+npm ci --prefix proof/js --no-audit --no-fund --loglevel=error
 go mod download

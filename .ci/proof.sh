@@ -15,25 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CI="${CI:-true}"
 
-need=()
-command -v chromium >/dev/null || need+=(chromium)
-command -v ip >/dev/null || need+=(iproute2)
-if [ ${#need[@]} -gt 0 ]; then
-	if [ "$(id -u)" -ne 0 ]; then
-		echo "proof: missing ${need[*]} and not root: install them first" >&2
-		exit 1
-	fi
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-# eventsource@4 needs Node 20 or later (the machine image has it; Debian's
-# own nodejs package is older).
-node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
-if [ "$node_major" -lt 20 ]; then
-	echo "proof: Node 20 or later is needed, found ${node_major}" >&2
-	exit 1
-fi
-npm ci --prefix proof/js --no-audit --no-fund --loglevel=error
+bash .ci/install.sh
 
 if [ "${1:-}" = install ]; then
 	exit 0

@@ -413,27 +413,17 @@ func (g *gateway) goMemory() (goMemory, error) {
 
 // cpuProfile saves a CPU profile of a Caddy target taken over seconds.
 func (g *gateway) cpuProfile(ctx context.Context, seconds int, path string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", g.admin, seconds), nil)
-	if err != nil {
-		return err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	_, err = io.Copy(f, resp.Body)
-	return err
+	return g.saveProfile(ctx, fmt.Sprintf("/debug/pprof/profile?seconds=%d", seconds), path)
 }
 
 // heapProfile saves a heap profile of a Caddy target, after a collection.
 func (g *gateway) heapProfile(ctx context.Context, path string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+g.admin+"/debug/pprof/heap?gc=1", nil)
+	return g.saveProfile(ctx, "/debug/pprof/heap?gc=1", path)
+}
+
+// saveProfile saves what the target's admin API answers at endpoint.
+func (g *gateway) saveProfile(ctx context.Context, endpoint, path string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+g.admin+endpoint, nil)
 	if err != nil {
 		return err
 	}
