@@ -321,10 +321,11 @@ type streamWriter struct {
 	// writeFailed is true when the client could not be written to.
 	writeFailed bool
 	noDeadline  bool // the underlying writer cannot take write deadlines
-	// lazyDeadline is true over HTTP/1.1, where the write deadline stays
-	// armed between writes (see armWriteDeadline); deadline is its value.
-	lazyDeadline bool
-	deadline     time.Time
+	// deadline is the write deadline armed on the connection, if any (see
+	// armWriteDeadline); clearIdleDeadline is true over HTTP/2, where the
+	// timer must clear it before an idle stream would be reset.
+	deadline          time.Time
+	clearIdleDeadline bool
 
 	times streamTimes
 
@@ -414,7 +415,7 @@ func (sw *streamWriter) engage(status int) {
 	header.Del("Content-Length")
 	sw.engaged = true
 	sw.rc = http.NewResponseController(sw.ResponseWriter)
-	sw.lazyDeadline = sw.req.ProtoMajor == 1
+	sw.clearIdleDeadline = sw.req.ProtoMajor == 2
 	sw.state = newEventState()
 	setClientTimeout(sw.req.Context(), time.Duration(sw.h.WriteTimeout))
 
@@ -531,9 +532,6 @@ func (sw *streamWriter) writeLocked(a, b []byte) bool {
 		sw.failLocked(err)
 		return false
 	}
-	if !sw.lazyDeadline {
-		sw.setWriteDeadline(time.Time{})
-	}
 	sw.clientActiveLocked(now)
 	return true
 }
@@ -601,7 +599,7 @@ func (sw *streamWriter) finish(upstreamFailed bool) endReason {
 		}
 		sw.closed = true
 	}
-	if sw.lazyDeadline && !sw.writeFailed && !sw.deadline.IsZero() {
+	if !sw.writeFailed && !sw.deadline.IsZero() {
 		// The connection may carry more requests: leave it no deadline.
 		sw.setWriteDeadline(time.Time{})
 	}

@@ -117,6 +117,9 @@ func (sw *streamWriter) nextDueLocked() (time.Duration, bool) {
 			due, found = at, true
 		}
 	}
+	if at, armed := sw.idleDeadlineDue(); armed {
+		consider(at)
+	}
 	if t.closing != "" {
 		consider(t.closingSince + time.Duration(sw.h.WriteTimeout))
 		return due, found
@@ -160,6 +163,12 @@ func (sw *streamWriter) onTimer() {
 	}
 	t := &sw.times
 	now := sw.sinceStart()
+	if at, armed := sw.idleDeadlineDue(); armed && now >= at {
+		// No write is under way (this holds the lock): clear the deadline
+		// before it could reset the idle stream.
+		sw.deadline = time.Time{}
+		sw.setWriteDeadline(time.Time{})
+	}
 	switch {
 	case t.closing != "":
 		if now >= t.closingSince+time.Duration(sw.h.WriteTimeout) {
@@ -225,23 +234,33 @@ func (sw *streamWriter) drainWithin(window time.Duration) {
 
 // armWriteDeadline bounds the write about to start by write_timeout.
 //
-// Over HTTP/1.1 the deadline stays armed between writes and is pushed
-// forward only once a tenth of write_timeout has passed since it was set,
-// so most writes set none and each must finish within 90 to 100 % of
-// write_timeout. An expired deadline on an idle HTTP/1.1 connection does
-// nothing until the next write, which pushes it forward first. HTTP/2 and
-// HTTP/3 reset a stream whose deadline passes even while it is idle, so
-// there each write sets a deadline and clears it afterwards.
+// The deadline stays armed between writes and is renewed only once a tenth
+// of write_timeout has passed since it was set, so most writes set none and
+// each must finish within 90 to 100 % of write_timeout. Over HTTP/1.1 and
+// HTTP/3 a deadline only affects writes, and the next write renews it
+// first. Over HTTP/2 an expired deadline resets the stream even while it is
+// idle, so there the stream's timer clears it before it runs out unused
+// (see onTimer).
 func (sw *streamWriter) armWriteDeadline(now time.Time) {
 	timeout := time.Duration(sw.h.WriteTimeout)
-	if !sw.lazyDeadline {
-		sw.setWriteDeadline(now.Add(timeout))
+	if sw.deadline.Sub(now) >= timeout-timeout/10 {
 		return
 	}
-	if sw.deadline.Sub(now) < timeout-timeout/10 {
-		sw.deadline = now.Add(timeout)
-		sw.setWriteDeadline(sw.deadline)
+	sw.deadline = now.Add(timeout)
+	sw.setWriteDeadline(sw.deadline)
+	if sw.clearIdleDeadline && !sw.times.start.IsZero() {
+		sw.armLocked(now.Sub(sw.times.start))
 	}
+}
+
+// idleDeadlineDue returns when the timer must clear an unused HTTP/2 write
+// deadline, and whether one is armed.
+func (sw *streamWriter) idleDeadlineDue() (time.Duration, bool) {
+	if !sw.clearIdleDeadline || sw.deadline.IsZero() {
+		return 0, false
+	}
+	timeout := time.Duration(sw.h.WriteTimeout)
+	return sw.deadline.Sub(sw.times.start) - timeout/10, true
 }
 
 func (sw *streamWriter) setWriteDeadline(t time.Time) {
