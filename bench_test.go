@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // discardWriter is a client that takes everything at once, with the
@@ -25,7 +24,7 @@ func (d *discardWriter) FlushError() error                { return nil }
 func (d *discardWriter) SetWriteDeadline(time.Time) error { return nil }
 
 // engagedStream returns a stream writer that has taken over an event stream.
-func engagedStream(b *testing.B, h *Handler) *streamWriter {
+func engagedStream(b *testing.B, h *Handler) *stream {
 	b.Helper()
 	if h.clock == nil {
 		h.clock = realClock{}
@@ -35,15 +34,11 @@ func engagedStream(b *testing.B, h *Handler) *streamWriter {
 	if err := h.Provision(ctx); err != nil {
 		b.Fatal(err)
 	}
-	sw := &streamWriter{
-		ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: &discardWriter{header: http.Header{}}},
-		h:                     h,
-		req:                   httptest.NewRequest(http.MethodGet, "/", nil),
-		cancelUpstream:        func(error) {},
-	}
+	sw := newStream(h, &discardWriter{header: http.Header{}}, httptest.NewRequest(http.MethodGet, "/", nil))
+	sw.arrive(func(error) {})
 	sw.Header().Set("Content-Type", "text/event-stream")
 	sw.WriteHeader(http.StatusOK)
-	if !sw.engaged {
+	if sw.mode != events {
 		b.Fatal("stream not engaged")
 	}
 	b.Cleanup(func() { sw.finish(false) })
@@ -98,12 +93,8 @@ func BenchmarkStreamSetup(b *testing.B) {
 	dw := &discardWriter{header: http.Header{}}
 	b.ReportAllocs()
 	for b.Loop() {
-		sw := &streamWriter{
-			ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: dw},
-			h:                     h,
-			req:                   req,
-			cancelUpstream:        func(error) {},
-		}
+		sw := newStream(h, dw, req)
+		sw.arrive(func(error) {})
 		dw.header.Set("Content-Type", "text/event-stream")
 		sw.WriteHeader(http.StatusOK)
 		sw.finish(false)

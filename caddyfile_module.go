@@ -37,6 +37,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    max_streams            <n>
 //	    max_streams_per_client <n>
 //	    last_event_id_query    <param>
+//	    refuse_with            stream|status
 //	}
 //
 // Every option may appear once. Without a block, all defaults apply.
@@ -95,6 +96,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.MaxStreamsPerClient, err = parseCount(d, option, value)
 		case "last_event_id_query":
 			h.LastEventIDQuery = value
+		case "refuse_with":
+			if value != refuseWithStream && value != refuseWithStatus {
+				return d.Errf("%s: want %s or %s, got %q", option, refuseWithStream, refuseWithStatus, value)
+			}
+			h.RefuseWith = value
 		default:
 			return d.Errf("unrecognized sse option %q", option)
 		}

@@ -36,6 +36,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			max_streams 1000
 			max_streams_per_client 4
 			last_event_id_query lastEventId
+			refuse_with status
 		}`, Handler{
 			Heartbeat:           caddy.Duration(20 * time.Second),
 			HeartbeatText:       "keep alive",
@@ -50,6 +51,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			MaxStreams:          1000,
 			MaxStreamsPerClient: 4,
 			LastEventIDQuery:    "lastEventId",
+			RefuseWith:          "status",
 		}},
 		{"heartbeat off", "sse {\nheartbeat off\n}", Handler{Heartbeat: -1}},
 		{"zero jitter", "sse {\nlifetime_jitter 0\n}", Handler{LifetimeJitter: &zero}},
@@ -78,6 +80,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"unknown option", "sse {\n  heartbeat 1s\n  hartbeat 2s\n}", []string{"hartbeat", "Testfile:3"}},
 		{"duplicate", "sse {\n  retry 1s\n  retry 2s\n}", []string{"retry", "more than once", "Testfile:3"}},
 		{"missing value", "sse {\n  idle_timeout\n}", []string{"Testfile:2"}},
+		{"refuse_with", "sse {\n  retry 1s\n  refuse_with 503\n}", []string{"refuse_with", "stream or status", "Testfile:3"}},
 		{"extra value", "sse {\n  idle_timeout 1s 2s\n}", []string{"Testfile:2"}},
 		{"unparsable duration", "sse {\n  max_lifetime soon\n}", []string{"max_lifetime", "soon", "Testfile:2"}},
 		{"negative duration", "sse {\n  write_timeout -1s\n}", []string{"write_timeout", "negative", "Testfile:2"}},
@@ -127,6 +130,7 @@ func TestValidateJSON(t *testing.T) {
 		{"negative drain window", Handler{DrainWindow: -1}, "drain_window"},
 		{"negative max streams", Handler{MaxStreams: -1}, "max_streams"},
 		{"negative per-client max", Handler{MaxStreamsPerClient: -1}, "max_streams_per_client"},
+		{"unknown refusal", Handler{RefuseWith: "503"}, "refuse_with"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.h.Validate()

@@ -428,26 +428,6 @@ func TestOtherPanicsPropagate(t *testing.T) {
 	h.ServeHTTP(newMemWriter(), httptest.NewRequest("GET", "/", nil), next)
 }
 
-func TestCompressedUpstreamPassesThroughAndWarnsOnce(t *testing.T) {
-	h := &Handler{Heartbeat: seconds(1)}
-	clock, logs := provisionTest(t, h)
-	for range 2 {
-		up := newScriptedUpstream()
-		up.header = http.Header{"Content-Encoding": {"gzip"}}
-		run := startStream(t, h, clock, up)
-		mustSend(t, run, "\x1f\x8b opaque")
-		clock.Advance(time.Minute)
-		run.endUpstream()
-		run.wait()
-		if got := run.w.body.String(); got != "\x1f\x8b opaque" {
-			t.Fatalf("compressed stream changed: %q", got)
-		}
-	}
-	if n := logs.FilterMessageSnippet("compressed").Len(); n != 1 {
-		t.Fatalf("warned %d times, want once", n)
-	}
-}
-
 func TestUpstreamEndLogsTotals(t *testing.T) {
 	h := &Handler{Heartbeat: seconds(1)}
 	clock, logs := provisionTest(t, h)

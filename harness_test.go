@@ -35,6 +35,19 @@ func provisionTest(t testing.TB, h *Handler) (*fakeClock, *observer.ObservedLogs
 	return clock, logs
 }
 
+// provisionReal provisions h with its real clock.
+func provisionReal(t testing.TB, h *Handler) {
+	t.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		t.Fatalf("Provision: %v", err)
+	}
+	if err := h.Validate(); err != nil {
+		t.Fatalf("Validate: %v", err)
+	}
+}
+
 // scriptedUpstream stands in for reverse_proxy: it answers with the given
 // header, then writes each chunk the test sends, and reacts to a cancelled
 // request context the way reverse_proxy does, by panicking with

@@ -37,8 +37,8 @@ func initMetrics(registry *prometheus.Registry) error {
 		}, []string{"reason"})
 		m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "streams_refused_total",
-			Help: "Stream requests refused before reaching the upstream, by the limit they hit (max_streams or max_streams_per_client).",
-		}, []string{"limit"})
+			Help: "Requests turned away instead of being served a stream, by reason (max_streams, max_streams_per_client, upstream_timeout, drain).",
+		}, []string{"reason"})
 		m.events = prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "events_total",
 			Help: "Events forwarded from upstreams to clients.",
@@ -62,11 +62,11 @@ func initMetrics(registry *prometheus.Registry) error {
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10), // 100µs to ~26s
 		})
 		// Every reason appears from the start, so rates work before the first end.
-		for _, r := range allReasons {
+		for _, r := range streamEndReasons {
 			m.ended.WithLabelValues(string(r))
 		}
-		for _, l := range []string{limitGlobal, limitPerClient} {
-			m.refused.WithLabelValues(l)
+		for _, r := range refusalReasons {
+			m.refused.WithLabelValues(string(r))
 		}
 	})
 	for _, c := range []prometheus.Collector{m.active, m.ended, m.refused, m.events, m.bytes, m.heartbeats, m.duration, m.teardown} {

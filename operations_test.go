@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // streamRequest is a stream request from client ip, as Caddy hands it over.
@@ -41,62 +40,6 @@ func heldStream(t *testing.T, h *Handler, r *http.Request) (result chan error, r
 		t.Fatal("stream did not start")
 	}
 	return result, release
-}
-
-func TestStreamLimits(t *testing.T) {
-	h := &Handler{MaxStreams: 3, MaxStreamsPerClient: 2, Retry: seconds(2.5)}
-	provisionTest(t, h)
-	refusedBefore := testutil.ToFloat64(sseMetrics.refused.WithLabelValues(limitPerClient))
-
-	var releases []chan struct{}
-	var results []chan error
-	hold := func(ip string) {
-		res, rel := heldStream(t, h, streamRequest(ip))
-		results, releases = append(results, res), append(releases, rel)
-	}
-	refused := func(r *http.Request) (int, string) {
-		t.Helper()
-		contacted := false
-		next := handlerFunc(func(http.ResponseWriter, *http.Request) error { contacted = true; return nil })
-		w := httptest.NewRecorder()
-		err := h.ServeHTTP(w, r, next)
-		if contacted {
-			t.Fatal("a refused request reached the upstream")
-		}
-		var he caddyhttp.HandlerError
-		if !errors.As(err, &he) {
-			t.Fatalf("want a handler error, got %v", err)
-		}
-		return he.StatusCode, w.Header().Get("Retry-After")
-	}
-
-	hold("10.0.0.1")
-	hold("10.0.0.1")
-	if status, retryAfter := refused(streamRequest("10.0.0.1")); status != http.StatusTooManyRequests || retryAfter != "3" {
-		t.Fatalf("third stream of one client: %d, Retry-After %q; want 429, 3", status, retryAfter)
-	}
-	hold("10.0.0.2")
-	if status, _ := refused(streamRequest("10.0.0.3")); status != http.StatusServiceUnavailable {
-		t.Fatalf("stream over max_streams: %d, want 503", status)
-	}
-
-	// Requests that do not ask for a stream are not counted or refused.
-	plain := httptest.NewRequest(http.MethodGet, "/events", nil)
-	if err := h.ServeHTTP(httptest.NewRecorder(), plain, handlerFunc(func(http.ResponseWriter, *http.Request) error { return nil })); err != nil {
-		t.Fatalf("plain request refused: %v", err)
-	}
-
-	// A slot is free again once its stream ends.
-	close(releases[0])
-	<-results[0]
-	hold("10.0.0.1")
-
-	if got := testutil.ToFloat64(sseMetrics.refused.WithLabelValues(limitPerClient)) - refusedBefore; got != 1 {
-		t.Errorf("per-client refusals counted %v, want 1", got)
-	}
-	for _, rel := range releases[1:] {
-		close(rel)
-	}
 }
 
 func TestLastEventIDQuery(t *testing.T) {

@@ -1,41 +1,45 @@
 package caddysse
 
 import (
-	"fmt"
-	"math"
+	"math/rand/v2"
 	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 )
 
-// streamSet is a handler's open streams. It holds the stream slots the
-// limits count, and reaches every live stream when they must drain.
+// streamSet is a handler's open requests: every request from its arrival
+// until it turns out not to be a stream or ends. It holds the stream slots
+// the limits count, and reaches every open request when they must drain.
 type streamSet struct {
+	clock     clock
 	mu        sync.Mutex
-	slots     int            // stream requests in progress
+	slots     int            // streams in progress, or asked for
 	perClient map[string]int // the same, by client IP
-	live      map[*streamWriter]struct{}
-	draining  bool
+	open      map[*stream]struct{}
+
+	draining bool
+	drainEnd time.Time // when the drain window closes
+	cuts     int       // how many hard stops are left to make
 }
 
-// Limit names, as in the refused-streams metric.
+// The drain's hard stop: whatever is still open this long after the drain
+// window (a client that stopped reading holds its last write) is cut, and
+// again every cutRepeat while anything is left, at most cutTries times.
 const (
-	limitGlobal    = "max_streams"
-	limitPerClient = "max_streams_per_client"
+	cutAfter  = 500 * time.Millisecond
+	cutRepeat = 100 * time.Millisecond
+	cutTries  = 5
 )
 
-func newStreamSet() *streamSet {
-	return &streamSet{perClient: make(map[string]int), live: make(map[*streamWriter]struct{})}
+func newStreamSet(c clock) *streamSet {
+	return &streamSet{clock: c, perClient: make(map[string]int), open: make(map[*stream]struct{})}
 }
 
-// wantsStream reports whether the request asks for an event stream; only
-// those count against the limits.
+// wantsStream reports whether the request asks for an event stream: those
+// are counted, and refused if need be, before the upstream is contacted.
 func wantsStream(r *http.Request) bool {
 	for _, accept := range r.Header.Values("Accept") {
 		if strings.Contains(accept, "text/event-stream") {
@@ -52,75 +56,98 @@ func clientIP(r *http.Request) string {
 	return ip
 }
 
-// acquire takes a stream slot for client, or names the limit that refuses it.
-func (s *streamSet) acquire(client string, max, maxPerClient int) (refusedBy string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	switch {
-	case max > 0 && s.slots >= max:
-		return limitGlobal
-	case maxPerClient > 0 && s.perClient[client] >= maxPerClient:
-		return limitPerClient
+// acquire takes a stream slot for s, or names the limit that refuses it.
+// A stream that already holds one keeps it.
+func (set *streamSet) acquire(s *stream) (refusedBy endReason) {
+	h := s.h
+	if h.MaxStreams == 0 && h.MaxStreamsPerClient == 0 {
+		return ""
 	}
-	s.slots++
-	s.perClient[client]++
+	set.mu.Lock()
+	defer set.mu.Unlock()
+	switch {
+	case s.holdsSlot:
+		return ""
+	case h.MaxStreams > 0 && set.slots >= h.MaxStreams:
+		return reasonMaxStreams
+	case h.MaxStreamsPerClient > 0 && set.perClient[s.client] >= h.MaxStreamsPerClient:
+		return reasonMaxStreamsPerClient
+	}
+	set.slots++
+	set.perClient[s.client]++
+	s.holdsSlot = true
 	return ""
 }
 
-// release gives back client's slot.
-func (s *streamSet) release(client string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.slots--
-	if s.perClient[client]--; s.perClient[client] <= 0 {
-		delete(s.perClient, client)
-	}
-}
-
-// add registers a live stream and reports whether the set is draining, in
-// which case the stream must drain too.
-func (s *streamSet) add(sw *streamWriter) (draining bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.live[sw] = struct{}{}
-	return s.draining
-}
-
-func (s *streamSet) remove(sw *streamWriter) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.live, sw)
-}
-
-// drain closes every live stream, and every stream that starts from now on,
-// at a random moment within window. Only the first call acts.
-func (s *streamSet) drain(window time.Duration) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.draining {
+// release gives back s's slot, if it holds one.
+func (set *streamSet) release(s *stream) {
+	set.mu.Lock()
+	defer set.mu.Unlock()
+	if !s.holdsSlot {
 		return
 	}
-	s.draining = true
-	for sw := range s.live {
-		sw.drainWithin(window)
+	s.holdsSlot = false
+	set.slots--
+	if set.perClient[s.client]--; set.perClient[s.client] <= 0 {
+		delete(set.perClient, s.client)
 	}
 }
 
-// refuse answers a stream request that a limit does not let through, before
-// anything reaches the upstream.
-func (h *Handler) refuse(w http.ResponseWriter, limit, client string) error {
-	status := http.StatusServiceUnavailable
-	if limit == limitPerClient {
-		status = http.StatusTooManyRequests
+// add registers a request as it arrives. One that arrives while the set
+// drains drains too, within what is left of the window.
+func (set *streamSet) add(s *stream) {
+	set.mu.Lock()
+	defer set.mu.Unlock()
+	set.open[s] = struct{}{}
+	if set.draining {
+		set.drainLocked(s, max(set.drainEnd.Sub(set.clock.Now()), 0))
 	}
-	retryAfter := defaultRetryAfter
-	if h.Retry > 0 {
-		retryAfter = time.Duration(h.Retry)
+}
+
+// remove unregisters a request that is done or not a stream.
+func (set *streamSet) remove(s *stream) {
+	set.mu.Lock()
+	defer set.mu.Unlock()
+	delete(set.open, s)
+	if s.drainTimer != nil {
+		s.drainTimer.Stop()
+		s.drainTimer = nil
 	}
-	w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(retryAfter.Seconds()))))
-	sseMetrics.refused.WithLabelValues(limit).Inc()
-	if c := h.logger.Check(zapcore.DebugLevel, "stream refused"); c != nil {
-		c.Write(zap.String("limit", limit), zap.String("client_ip", client))
+}
+
+// drain ends every open request, and every request that arrives from now
+// on, at a random moment within window (stream.drainNow), then cuts what is
+// still open shortly after the window. Only the first call acts.
+func (set *streamSet) drain(window time.Duration) {
+	set.mu.Lock()
+	defer set.mu.Unlock()
+	if set.draining {
+		return
 	}
-	return caddyhttp.Error(status, fmt.Errorf("sse: %s reached", limit))
+	set.draining = true
+	set.drainEnd = set.clock.Now().Add(window)
+	for s := range set.open {
+		set.drainLocked(s, window)
+	}
+	set.cuts = cutTries
+	set.clock.AfterFunc(window+cutAfter, set.cut)
+}
+
+// drainLocked schedules s's drain at a random moment within window.
+func (set *streamSet) drainLocked(s *stream, window time.Duration) {
+	if s.drainTimer == nil {
+		s.drainTimer = set.clock.AfterFunc(rand.N(window+1), s.drainNow)
+	}
+}
+
+// cut ends whatever is still open at once (stream.cut).
+func (set *streamSet) cut() {
+	set.mu.Lock()
+	defer set.mu.Unlock()
+	for s := range set.open {
+		s.cut()
+	}
+	if set.cuts--; set.cuts > 0 && len(set.open) > 0 {
+		set.clock.AfterFunc(cutRepeat, set.cut)
+	}
 }
