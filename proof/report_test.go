@@ -24,8 +24,8 @@ type proofCase struct {
 
 // cases lists every case the suite proves, in the report's order.
 var cases = []proofCase{
-	{"browser", "TestBrowserEventSource", "Headless Chromium, EventSource",
-		"all events arrive in order with the right type, data and lastEventId; the gateway's heartbeats (counted in its log) produce no message event; after the max_lifetime close the close_event reaches a listener with its reason, the browser reconnects by itself after the retry delay (measured at the upstream) and its Last-Event-ID reaches the upstream; closing the page makes the upstream see its connection end within 1 s",
+	{"browser", "TestBrowserEventSource/HTTP1.1", "Headless Chromium, EventSource, HTTP/1.1",
+		"every request came over HTTP/1.1 (the page's nextHopProtocol and the gateway's request protocol); all events arrive in order with the right type, data and lastEventId; the gateway's heartbeats (counted in its log) produce no message event; after the max_lifetime close the close_event reaches a listener with its reason, the browser reconnects by itself after the retry delay (measured at the upstream) and its Last-Event-ID reaches the upstream; closing the page makes the upstream see its connection end within 1 s",
 		"closing the tab"},
 	{"node", "TestNodeEventSource", "Node `eventsource` package",
 		"the same: events in order with type, data and lastEventId (as this package reports it: from the event's own id field only), heartbeats give no message event, close_event delivered, reconnect after the retry delay with Last-Event-ID at the upstream, `close()` ends the upstream connection within 1 s",
