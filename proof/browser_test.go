@@ -2,9 +2,14 @@ package proof
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/base64"
 	"encoding/json"
+	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -39,6 +44,11 @@ source.addEventListener("` + clientCloseEvent + `", record("close"));
 // browserProtocol is one way the browser reaches the gateway.
 type browserProtocol struct {
 	name, caseID string
+	// tls: the page is loaded from the gateway's TLS site, whose leaf
+	// certificate the browser is told to trust; else from the plain site.
+	tls bool
+	// quic forces QUIC (HTTP/3) to the TLS site's origin.
+	quic bool
 	// nextHop is the page's nextHopProtocol (Resource Timing) for every
 	// request; proto is the request's protocol as the gateway saw it.
 	nextHop, proto string
@@ -46,11 +56,14 @@ type browserProtocol struct {
 
 var browserProtocols = []browserProtocol{
 	{name: "HTTP1.1", caseID: "browser", nextHop: "http/1.1", proto: "HTTP/1.1"},
+	{name: "HTTP2", caseID: "browser-h2", tls: true, nextHop: "h2", proto: "HTTP/2.0"},
+	{name: "HTTP3", caseID: "browser-h3", tls: true, quic: true, nextHop: "h3", proto: "HTTP/3.0"},
 }
 
 // TestBrowserEventSource opens an EventSource through the gateway in
-// headless Chromium and checks for each protocol, after making sure that
-// protocol carried every request, what a page sees: every event in order with its type, data and lastEventId, nothing from
+// headless Chromium over HTTP/1.1, HTTP/2 and HTTP/3, and checks on each,
+// after making sure that protocol carried every request, what a page sees:
+// every event in order with its type, data and lastEventId, nothing from
 // heartbeats, the close event at max_lifetime, a reconnect by the browser
 // itself after the retry delay with Last-Event-ID reaching the upstream; and
 // that closing the page makes the upstream see its connection end within a
@@ -66,7 +79,7 @@ func TestBrowserEventSource(t *testing.T) {
 const protoHeader = "X-Proof-Proto"
 
 // checkBrowser runs the browser session over one protocol, with a gateway,
-// an upstream and a Chromium of its own.
+// an upstream and a Chromium of its own: forcing QUIC is browser-wide.
 func checkBrowser(t *testing.T, p browserProtocol) {
 	rec := report.start(t, p.caseID)
 	browser := headless.Chromium(t)
@@ -81,7 +94,32 @@ func checkBrowser(t *testing.T, p browserProtocol) {
 	g := startGateway(t, up, gatewayConfig{profiles: map[string]profile{"browser": prof}})
 
 	base := g.httpURL
-	allocCtx, cancelAlloc := headless.Allocator(browser, t.TempDir())
+	var flags []chromedp.ExecAllocatorOption
+	if p.tls {
+		base = g.httpsURL
+		flags = append(flags,
+			// Trust the one certificate the site serves, pinned by its
+			// public key; Chromium honours the pin on TCP and QUIC alike.
+			// Without it: ERR_CERT_AUTHORITY_INVALID, or over QUIC
+			// ERR_QUIC_PROTOCOL_ERROR.
+			chromedp.Flag("ignore-certificate-errors-spki-list", g.leafSPKIHash(t)),
+			// The site is named localhost but listens on 127.0.0.1 only.
+			// Chromium tries ::1 first; over TCP it then falls back, over
+			// QUIC it fails (ERR_QUIC_HANDSHAKE_FAILED).
+			chromedp.Flag("host-resolver-rules", "MAP localhost 127.0.0.1"),
+		)
+	}
+	if p.quic {
+		// The allocator disables QUIC, which keeps the other protocols
+		// from drifting to HTTP/3; here it is on and forced for the
+		// site's origin from the first request, with no TCP fallback.
+		flags = append(flags,
+			chromedp.Flag("disable-quic", false),
+			chromedp.Flag("enable-quic", true),
+			chromedp.Flag("origin-to-force-quic-on", "localhost:"+strconv.Itoa(g.httpsPort)),
+		)
+	}
+	allocCtx, cancelAlloc := headless.Allocator(browser, t.TempDir(), flags...)
 	defer cancelAlloc()
 	// Every browser step is bounded by this on top of its own deadline. It
 	// cannot be a deadline of the contexts below: chromedp ties a browser
@@ -239,4 +277,20 @@ func pollPage(t *testing.T, tab context.Context, expr string, v any, what string
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
+}
+
+// leafSPKIHash returns the base64 SHA-256 of the public key of the
+// certificate the TLS site serves, as Chromium's
+// --ignore-certificate-errors-spki-list takes it.
+func (g *gateway) leafSPKIHash(t *testing.T) string {
+	t.Helper()
+	d := tls.Dialer{Config: g.tlsConfig(), NetDialer: &net.Dialer{Timeout: 5 * time.Second}}
+	conn, err := d.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(g.httpsPort)))
+	if err != nil {
+		t.Fatalf("fetching the TLS site's certificate: %v", err)
+	}
+	defer conn.Close()
+	leaf := conn.(*tls.Conn).ConnectionState().PeerCertificates[0]
+	sum := sha256.Sum256(leaf.RawSubjectPublicKeyInfo)
+	return base64.StdEncoding.EncodeToString(sum[:])
 }
