@@ -24,8 +24,14 @@ type proofCase struct {
 
 // cases lists every case the suite proves, in the report's order.
 var cases = []proofCase{
-	{"browser", "TestBrowserEventSource", "Headless Chromium, EventSource",
-		"all events arrive in order with the right type, data and lastEventId; the gateway's heartbeats (counted in its log) produce no message event; after the max_lifetime close the close_event reaches a listener with its reason, the browser reconnects by itself after the retry delay (measured at the upstream) and its Last-Event-ID reaches the upstream; closing the page makes the upstream see its connection end within 1 s",
+	{"browser", "TestBrowserEventSource/HTTP1.1", "Headless Chromium, EventSource, HTTP/1.1",
+		"every request came over HTTP/1.1 (the page's nextHopProtocol and the gateway's request protocol); all events arrive in order with the right type, data and lastEventId; the gateway's heartbeats (counted in its log) produce no message event; after the max_lifetime close the close_event reaches a listener with its reason, the browser reconnects by itself after the retry delay (measured at the upstream) and its Last-Event-ID reaches the upstream; closing the page makes the upstream see its connection end within 1 s",
+		"closing the tab"},
+	{"browser-h2", "TestBrowserEventSource/HTTP2", "Headless Chromium, EventSource, HTTP/2 (TLS, Caddy's internal issuer)",
+		"the same over HTTP/2 (`h2` in nextHopProtocol, HTTP/2.0 at the gateway), Chromium trusting the certificate from Caddy's local CA by a pin on its public key (`--ignore-certificate-errors-spki-list`)",
+		"closing the tab"},
+	{"browser-h3", "TestBrowserEventSource/HTTP3", "Headless Chromium, EventSource, HTTP/3 (forced QUIC)",
+		"the same over HTTP/3 (`h3` in nextHopProtocol, HTTP/3.0 at the gateway), QUIC forced for the site's origin, so a fallback to TCP fails the test",
 		"closing the tab"},
 	{"node", "TestNodeEventSource", "Node `eventsource` package",
 		"the same: events in order with type, data and lastEventId (as this package reports it: from the event's own id field only), heartbeats give no message event, close_event delivered, reconnect after the retry delay with Last-Event-ID at the upstream, `close()` ends the upstream connection within 1 s",
