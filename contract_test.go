@@ -90,12 +90,15 @@ func runContract(t *testing.T, chunks []string) (out string, heartbeats int, las
 	return run.w.received(), countHeartbeats(run.w.received()), endField(t, logs, "last_event_id")
 }
 
-// endField returns a field of the stream's "stream ended" log line.
+// endField returns a field of the line a stream leaves as it ends: "stream
+// ended", or "upstream broke the stream".
 func endField(t *testing.T, logs *observer.ObservedLogs, key string) string {
 	t.Helper()
-	ended := logs.FilterMessage("stream ended").All()
+	ended := logs.Filter(func(e observer.LoggedEntry) bool {
+		return e.Message == "stream ended" || e.Message == "upstream broke the stream"
+	}).All()
 	if len(ended) != 1 {
-		t.Fatalf("want one \"stream ended\" log line, got %d", len(ended))
+		t.Fatalf("want one line for the stream's end, got %d", len(ended))
 	}
 	v, ok := ended[0].ContextMap()[key]
 	if !ok {

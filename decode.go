@@ -63,8 +63,10 @@ type decoder struct {
 	input    chan []byte   // the next handler's writes
 	consumed chan struct{} // a write's bytes are all decoded and forwarded
 	done     chan struct{} // the goroutine has exited
-	// err is why decoding failed, if it did; set before done is closed.
-	err error
+	// err is why decoding failed, if it did; ended is whether the
+	// compressed stream ended cleanly. Both are set before done is closed.
+	err   error
+	ended bool
 
 	// Owned by the goroutine: what is left of the write being decoded.
 	pending     []byte
@@ -94,6 +96,9 @@ func (d *decoder) Write(p []byte) (int, error) {
 	case <-d.consumed:
 		return len(p), nil
 	case <-d.done:
+		if d.ended && len(d.pending) == 0 {
+			return len(p), nil // the write ended the compressed stream
+		}
 		return 0, errStreamClosed
 	}
 }
@@ -120,6 +125,7 @@ func (d *decoder) Read(p []byte) (int, error) {
 func (d *decoder) run(s *stream, open func(io.Reader) (io.Reader, error)) {
 	defer close(d.done)
 	err := d.decode(s, open)
+	d.ended = err == nil
 	if err != nil && !errors.Is(err, errStreamClosed) && !errors.Is(err, errClientGone) {
 		// The upstream sent something that does not decode: end the
 		// stream as an upstream error, adding nothing.

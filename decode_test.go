@@ -18,7 +18,7 @@ import (
 // flushingCompressor is a legacy server's compressing writer: it flushes
 // after every event, as a streaming server must.
 type flushingCompressor interface {
-	io.Writer
+	io.WriteCloser
 	Flush() error
 }
 
@@ -75,14 +75,38 @@ func TestCompressedStreamIsDecodedAndManaged(t *testing.T) {
 					want.WriteString(":\n\n")
 				}
 			}
+			// The upstream ends its response, and its compressed stream.
+			cw.Close()
+			mustSend(t, run, compressed.String())
 			run.endUpstream()
 			run.wait()
 			wantReceived(t, run, want.String())
+			wantReason(t, logs, reasonUpstreamEnd)
 			if id := endField(t, logs, "last_event_id"); id != "3" {
 				t.Fatalf("last event id %q, want 3", id)
 			}
 		})
 	}
+}
+
+// TestTruncatedCompressedStreamEndsAsUpstreamError checks an upstream whose
+// response ends in the middle of its compressed stream: that is a broken
+// stream, not a clean end.
+func TestTruncatedCompressedStreamEndsAsUpstreamError(t *testing.T) {
+	h := &Handler{Heartbeat: seconds(1)}
+	clock, logs := provisionTest(t, h)
+	up := newScriptedUpstream()
+	up.header = http.Header{"Content-Encoding": {"gzip"}}
+	run := startStream(t, h, clock, up)
+	var compressed bytes.Buffer
+	gw := gzip.NewWriter(&compressed)
+	gw.Write([]byte("data: one\n\n"))
+	gw.Flush()
+	mustSend(t, run, compressed.String())
+	run.endUpstream()
+	run.wait()
+	wantReceived(t, run, "data: one\n\n")
+	wantReason(t, logs, reasonUpstreamError)
 }
 
 func TestCorruptCompressedStreamEndsAsUpstreamError(t *testing.T) {

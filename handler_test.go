@@ -378,8 +378,11 @@ func TestFailedWriteEndsStreamAndUpstream(t *testing.T) {
 			}
 			run.waitUpstreamGone()
 			run.wait()
-			if run.panicked != http.ErrAbortHandler {
-				t.Errorf("response to a dead client should be aborted, got panic %v", run.panicked)
+			// It returns rather than panicking, so what runs after it
+			// (log_append) still sees the stream's placeholders; the
+			// server drops a connection whose write failed by itself.
+			if run.panicked != nil {
+				t.Errorf("stream to a dead client panicked: %v", run.panicked)
 			}
 			wantReason(t, logs, tc.reason)
 		})

@@ -131,12 +131,10 @@ type stream struct {
 	closed bool      // nothing more may be written to the client
 	reason endReason // why it ended, once known
 	// closeSent is true once the close sequence reached the client.
-	closeSent bool
-	// writeFailed is true when the client could not be written to.
-	writeFailed bool
-	times       streamTimes
-	bytesOut    int64
-	heartbeats  int64
+	closeSent  bool
+	times      streamTimes
+	bytesOut   int64
+	heartbeats int64
 
 	// cutting is set when the drain's hard stop cuts the stream.
 	cutting atomic.Bool
@@ -476,7 +474,6 @@ func (s *stream) writeLocked(a, b []byte) bool {
 
 // failLocked ends the stream after a failed write to the client.
 func (s *stream) failLocked(err error) {
-	s.writeFailed = true
 	s.markClientGone()
 	reason := reasonClientGone
 	switch {
@@ -579,11 +576,10 @@ func (s *stream) end(err error, panicked any) error {
 		s.awaitClientClose(time.Duration(s.h.CloseGrace))
 	}
 	s.report(reason, err)
-	if s.writeFailed {
-		// The client cannot be written to: do not try to finish the
-		// response, drop the connection.
-		panic(http.ErrAbortHandler)
-	}
+	// A stream whose client could not be written to returns too, rather
+	// than panicking with http.ErrAbortHandler: its placeholders must reach
+	// log_append, which runs after this handler returns. The server drops
+	// the connection by itself, since the failed write marked it broken.
 	return nil
 }
 
@@ -637,10 +633,18 @@ const (
 )
 
 // report leaves the stream's account behind: the placeholders, and one
-// debug line.
+// debug line, or a warning when the upstream broke the stream.
+//
+// reverse_proxy warns "aborting with incomplete response" for every stream
+// that does not end by its upstream's clean end, the gateway's own closes
+// and clients that left included; its API has no quiet way to end a
+// stream. Operators who drop that warning (README, "Running in
+// production") still see the upstream failures here, the one case that
+// needs their attention.
 func (s *stream) report(reason endReason, err error) {
 	id, idKnown := s.state.lastID()
-	if repl, ok := s.req.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+	repl, _ := s.req.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if repl != nil {
 		repl.Set(placeholderCloseReason, string(reason))
 		repl.Set(placeholderEvents, s.state.events)
 		repl.Set(placeholderBytes, s.bytesOut)
@@ -650,7 +654,11 @@ func (s *stream) report(reason endReason, err error) {
 			repl.Set(placeholderLastEventID, string(id))
 		}
 	}
-	c := s.h.logger.Check(zapcore.DebugLevel, "stream ended")
+	level, msg := zapcore.DebugLevel, "stream ended"
+	if reason == reasonUpstreamError {
+		level, msg = zapcore.WarnLevel, "upstream broke the stream"
+	}
+	c := s.h.logger.Check(level, msg)
 	if c == nil {
 		return
 	}
@@ -668,6 +676,14 @@ func (s *stream) report(reason endReason, err error) {
 	}
 	if err != nil {
 		fields = append(fields, zap.Error(err))
+	}
+	if s.decoder != nil && s.decoder.err != nil {
+		fields = append(fields, zap.NamedError("decoding", s.decoder.err))
+	}
+	if reason == reasonUpstreamError && repl != nil {
+		if upstream, ok := repl.GetString("http.reverse_proxy.upstream.hostport"); ok {
+			fields = append(fields, zap.String("upstream", upstream))
+		}
 	}
 	c.Write(fields...)
 }
