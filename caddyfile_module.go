@@ -38,6 +38,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    max_streams_per_client <n>
 //	    last_event_id_query    <param>
 //	    refuse_with            stream|status
+//	    retry_statuses         <code|4xx|5xx>...|off
+//	    max_stream_rate        <n per second>
 //	}
 //
 // Every option may appear once. Without a block, all defaults apply.
@@ -53,6 +55,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("%s: option given more than once", option)
 		}
 		seen[option] = true
+		if option == "retry_statuses" {
+			h.RetryStatuses = d.RemainingArgs()
+			if len(h.RetryStatuses) == 0 {
+				return d.ArgErr()
+			}
+			if _, err := parseRetryStatuses(h.RetryStatuses); err != nil {
+				return d.Err(err.Error())
+			}
+			continue
+		}
 		if !d.NextArg() {
 			return d.ArgErr()
 		}
@@ -94,6 +106,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.MaxStreams, err = parseCount(d, option, value)
 		case "max_streams_per_client":
 			h.MaxStreamsPerClient, err = parseCount(d, option, value)
+		case "max_stream_rate":
+			h.MaxStreamRate, err = parseCount(d, option, strings.TrimSuffix(value, "/s"))
 		case "last_event_id_query":
 			h.LastEventIDQuery = value
 		case "refuse_with":

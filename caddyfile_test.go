@@ -37,6 +37,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			max_streams_per_client 4
 			last_event_id_query lastEventId
 			refuse_with status
+			retry_statuses 5xx 429 404
+			max_stream_rate 50
 		}`, Handler{
 			Heartbeat:           caddy.Duration(20 * time.Second),
 			HeartbeatText:       "keep alive",
@@ -52,7 +54,11 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			MaxStreamsPerClient: 4,
 			LastEventIDQuery:    "lastEventId",
 			RefuseWith:          "status",
+			RetryStatuses:       []string{"5xx", "429", "404"},
+			MaxStreamRate:       50,
 		}},
+		{"retry statuses off", "sse {\nretry_statuses off\n}", Handler{RetryStatuses: []string{"off"}}},
+		{"rate per second", "sse {\nmax_stream_rate 5/s\n}", Handler{MaxStreamRate: 5}},
 		{"heartbeat off", "sse {\nheartbeat off\n}", Handler{Heartbeat: -1}},
 		{"zero jitter", "sse {\nlifetime_jitter 0\n}", Handler{LifetimeJitter: &zero}},
 		{"days", "sse {\nmax_lifetime 1d\n}", Handler{MaxLifetime: caddy.Duration(24 * time.Hour)}},
@@ -80,6 +86,10 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"unknown option", "sse {\n  heartbeat 1s\n  hartbeat 2s\n}", []string{"hartbeat", "Testfile:3"}},
 		{"duplicate", "sse {\n  retry 1s\n  retry 2s\n}", []string{"retry", "more than once", "Testfile:3"}},
 		{"missing value", "sse {\n  idle_timeout\n}", []string{"Testfile:2"}},
+		{"retry_statuses empty", "sse {\n  retry_statuses\n}", []string{"Testfile:2"}},
+		{"retry_statuses 200", "sse {\n  retry 1s\n  retry_statuses 5xx 200\n}", []string{"retry_statuses", "\"200\"", "Testfile:3"}},
+		{"retry_statuses off and more", "sse {\n  retry_statuses off 502\n}", []string{"retry_statuses", "Testfile:2"}},
+		{"max_stream_rate 0", "sse {\n  max_stream_rate 0\n}", []string{"max_stream_rate", "Testfile:2"}},
 		{"refuse_with", "sse {\n  retry 1s\n  refuse_with 503\n}", []string{"refuse_with", "stream or status", "Testfile:3"}},
 		{"extra value", "sse {\n  idle_timeout 1s 2s\n}", []string{"Testfile:2"}},
 		{"unparsable duration", "sse {\n  max_lifetime soon\n}", []string{"max_lifetime", "soon", "Testfile:2"}},
@@ -131,6 +141,8 @@ func TestValidateJSON(t *testing.T) {
 		{"negative max streams", Handler{MaxStreams: -1}, "max_streams"},
 		{"negative per-client max", Handler{MaxStreamsPerClient: -1}, "max_streams_per_client"},
 		{"unknown refusal", Handler{RefuseWith: "503"}, "refuse_with"},
+		{"retry status out of range", Handler{RetryStatuses: []string{"302"}}, "retry_statuses"},
+		{"negative stream rate", Handler{MaxStreamRate: -1}, "max_stream_rate"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.h.Validate()

@@ -9,6 +9,7 @@ package caddysse
 import (
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -140,7 +141,26 @@ type Handler struct {
 	// get the status code. Default: "stream".
 	RefuseWith string `json:"refuse_with,omitempty"`
 
+	// RetryStatuses are the upstream statuses that a request which asked
+	// for a stream gets a refusal for (see RefuseWith), with reason
+	// upstream_status_<code>, instead of the status itself: a 502 from
+	// reverse_proxy while the upstream restarts, or a 503 from an
+	// overloaded one, would otherwise make every EventSource fail for
+	// good. Each entry is a status code from 400 to 599, or a class, "4xx"
+	// or "5xx". 204 always passes through: it tells an EventSource to
+	// stop. Default: ["5xx", "429"]. ["off"] passes every status through.
+	RetryStatuses []string `json:"retry_statuses,omitempty"`
+
+	// MaxStreamRate caps how many new streams per second the handler lets
+	// through to the upstream, so a legacy server is not flooded when every
+	// tab comes back at once after a restart. Requests beyond it are
+	// refused like those over MaxStreams, with reason max_stream_rate. A
+	// burst of up to one second's worth is let through at once. Default:
+	// 0, no cap.
+	MaxStreamRate int `json:"max_stream_rate,omitempty"`
+
 	heartbeatLine []byte // ":" + HeartbeatText + "\n\n"
+	retryStatus   func(status int) bool
 	jitter        float64
 	streams       *streamSet
 	clock         clock
@@ -174,7 +194,7 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 }
 
 // Provision sets up the handler.
-func (h *Handler) Provision(ctx caddy.Context) error {
+func (h *Handler) Provision(ctx caddy.Context) (err error) {
 	h.logger = ctx.Logger()
 	if h.Heartbeat == 0 {
 		h.Heartbeat = caddy.Duration(defaultHeartbeat)
@@ -193,11 +213,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.jitter = *h.LifetimeJitter
 	}
 	h.heartbeatLine = []byte(":" + h.HeartbeatText + "\n\n")
+	if h.retryStatus, err = parseRetryStatuses(h.RetryStatuses); err != nil {
+		return err
+	}
 	h.warnOpaque = new(sync.Once)
 	if h.clock == nil {
 		h.clock = realClock{}
 	}
-	h.streams = newStreamSet(h.clock)
+	h.streams = newStreamSet(h.clock, h.MaxStreamRate)
 	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
 		srv.RegisterConnContext(withConn)
 		srv.RegisterOnShutdown(h.drain)
@@ -227,6 +250,12 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxStreams < 0 {
 		return fmt.Errorf("max_streams: must not be negative, got %d", h.MaxStreams)
+	}
+	if h.MaxStreamRate < 0 {
+		return fmt.Errorf("max_stream_rate: must not be negative, got %d", h.MaxStreamRate)
+	}
+	if _, err := parseRetryStatuses(h.RetryStatuses); err != nil {
+		return err
 	}
 	if h.MaxStreamsPerClient < 0 {
 		return fmt.Errorf("max_streams_per_client: must not be negative, got %d", h.MaxStreamsPerClient)
@@ -265,7 +294,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 	}
 	s := newStream(h, w, r)
-	if s.askedForStream {
+	if s.head {
+		// Go's transport reuses an upstream connection as soon as a HEAD
+		// response's header is in, but a legacy server that routes HEAD to
+		// its stream handler never ends that response: the next request on
+		// the connection, anyone's, hangs behind it. So HEAD goes upstream
+		// as GET, whose response the gateway cuts after its header: the
+		// connection is closed and the upstream handler notices.
+		r.Method = http.MethodGet
+	} else if s.askedForStream {
 		// Refused before anything reaches the upstream.
 		if reason := h.streams.acquire(s); reason != "" {
 			return h.refuse(w, r, reason)
@@ -273,6 +310,33 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	defer h.streams.release(s)
 	return s.serve(next)
+}
+
+// parseRetryStatuses turns RetryStatuses into a test of a status code.
+func parseRetryStatuses(list []string) (func(int) bool, error) {
+	if list == nil {
+		list = []string{"5xx", "429"}
+	}
+	if len(list) == 1 && list[0] == "off" {
+		return func(int) bool { return false }, nil
+	}
+	var classes [6]bool
+	codes := make(map[int]bool)
+	for _, s := range list {
+		switch {
+		case len(s) == 3 && (s[0] == '4' || s[0] == '5') && strings.EqualFold(s[1:], "xx"):
+			classes[s[0]-'0'] = true
+		default:
+			code, err := strconv.Atoi(s)
+			if err != nil || code < 400 || code > 599 {
+				return nil, fmt.Errorf("retry_statuses: want status codes from 400 to 599, 4xx, 5xx or off, got %q", s)
+			}
+			codes[code] = true
+		}
+	}
+	return func(status int) bool {
+		return status >= 400 && status <= 599 && (classes[status/100] || codes[status])
+	}, nil
 }
 
 // Interface guards

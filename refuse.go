@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -19,13 +20,15 @@ import (
 var refusalStatus = map[endReason]int{
 	reasonMaxStreams:          http.StatusServiceUnavailable,
 	reasonMaxStreamsPerClient: http.StatusTooManyRequests,
+	reasonMaxStreamRate:       http.StatusServiceUnavailable,
 	reasonUpstreamTimeout:     http.StatusGatewayTimeout,
 	reasonDrain:               http.StatusServiceUnavailable,
 }
 
 // refuse answers a request the gateway turns away instead of serving it a
 // stream: over a limit, past idle_timeout waiting for the upstream's header,
-// or caught waiting by a drain.
+// caught waiting by a drain, or answered by the upstream (or the proxy)
+// with an error status in RetryStatuses.
 //
 // An EventSource fails for good, never to reconnect, on any answer but
 // `200 text/event-stream` (WHATWG HTML, server-sent events: "fail the
@@ -41,15 +44,22 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, reason endReaso
 	}
 	retry := (base + rand.N(base+1)).Round(time.Millisecond)
 	w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(retry.Seconds()))))
-	sseMetrics.refused.WithLabelValues(string(reason)).Inc()
+	// The upstream's own status, for refusals in its place.
+	label, status := reason, refusalStatus[reason]
+	if code, ok := strings.CutPrefix(string(reason), string(reasonUpstreamStatus)+"_"); ok {
+		label = reasonUpstreamStatus
+		status, _ = strconv.Atoi(code)
+	}
+	sseMetrics.refused.WithLabelValues(string(label)).Inc()
 	if c := h.logger.Check(zapcore.DebugLevel, "stream refused"); c != nil {
-		c.Write(zap.String("uri", r.RequestURI), zap.String("client_ip", clientIP(r)), zap.String("reason", string(reason)))
+		c.Write(zap.String("uri", r.RequestURI), zap.String("client_ip", clientIP(r)),
+			zap.String("reason", string(reason)), zap.Int("status", status))
 	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		repl.Set(placeholderCloseReason, string(reason))
 	}
 	if h.RefuseWith == refuseWithStatus || !wantsStream(r) {
-		return caddyhttp.Error(refusalStatus[reason], fmt.Errorf("sse: stream refused: %s", reason))
+		return caddyhttp.Error(status, fmt.Errorf("sse: stream refused: %s", reason))
 	}
 	header := w.Header()
 	header.Set("Content-Type", "text/event-stream")

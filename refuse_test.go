@@ -17,7 +17,7 @@ import (
 
 // refusalBody matches the browser-safe refusal: a retry hint, the close
 // event with the reason, and the blank line that dispatches them.
-var refusalBody = regexp.MustCompile(`^retry: (\d+)\nevent: close\ndata: ([a-z_]+)\n\n$`)
+var refusalBody = regexp.MustCompile(`^retry: (\d+)\nevent: close\ndata: ([a-z_0-9]+)\n\n$`)
 
 // wantRefusalStream checks a browser-safe refusal and returns its retry
 // hint.
@@ -304,4 +304,130 @@ func TestDrainCutsStalledClients(t *testing.T) {
 	if took := time.Since(start); took < window+cutAfter || took > window+cutAfter+300*time.Millisecond {
 		t.Fatalf("cut %v after the drain began, want %v to %v", took, window+cutAfter, window+cutAfter+300*time.Millisecond)
 	}
+}
+
+// answering is an upstream that answers status, with a body.
+func answering(status int, contentType string, released chan<- struct{}) handlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		w.Header().Set("Content-Type", contentType)
+		w.WriteHeader(status)
+		if _, err := w.Write([]byte("<html>upstream error page</html>")); err != nil {
+			// The gateway cut it: wait to be released, as reverse_proxy's
+			// read of the upstream does.
+			select {
+			case <-r.Context().Done():
+				close(released)
+			case <-time.After(testWait):
+			}
+		}
+		return nil
+	}
+}
+
+// TestUpstreamErrorsBecomeRetries checks that an upstream's (or the
+// proxy's) error status does not make an EventSource fail for good: a
+// request that asked for a stream gets the browser-safe refusal instead,
+// with the status in its reason, unless the status is one that must pass.
+func TestUpstreamErrorsBecomeRetries(t *testing.T) {
+	h := &Handler{CloseEvent: "close"}
+	provisionTest(t, h)
+	for _, status := range []int{502, 503, 500, 429} {
+		released := make(chan struct{})
+		w := httptest.NewRecorder()
+		err := h.ServeHTTP(w, streamRequest("10.0.0.1"), answering(status, "text/html", released))
+		wantRefusalStream(t, w, err, upstreamStatus(status))
+		waitFor(t, released, "the upstream of a refused answer to be released")
+	}
+	// reverse_proxy's own 502, before any header: the upstream is down.
+	w := httptest.NewRecorder()
+	down := handlerFunc(func(http.ResponseWriter, *http.Request) error {
+		return caddyhttp.Error(http.StatusBadGateway, errors.New("dial tcp: connection refused"))
+	})
+	wantRefusalStream(t, w, h.ServeHTTP(w, streamRequest("10.0.0.1"), down), upstreamStatus(http.StatusBadGateway))
+
+	// 204 tells an EventSource to stop; 404 is the page's own business;
+	// and a request that did not ask for a stream gets the status as is.
+	for _, tc := range []struct {
+		status int
+		req    *http.Request
+	}{
+		{http.StatusNoContent, streamRequest("10.0.0.1")},
+		{http.StatusNotFound, streamRequest("10.0.0.1")},
+		{http.StatusBadGateway, httptest.NewRequest(http.MethodGet, "/events", nil)},
+	} {
+		w := httptest.NewRecorder()
+		if err := h.ServeHTTP(w, tc.req, answering(tc.status, "text/html", make(chan struct{}))); err != nil || w.Code != tc.status {
+			t.Fatalf("%d passed through as %d, %v", tc.status, w.Code, err)
+		}
+	}
+	if err := h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "/events", nil), down); errorStatus(err) != http.StatusBadGateway {
+		t.Fatalf("proxy error for a plain request: %v", err)
+	}
+
+	// retry_statuses off keeps the old behaviour.
+	off := &Handler{RetryStatuses: []string{"off"}}
+	provisionTest(t, off)
+	w = httptest.NewRecorder()
+	if err := off.ServeHTTP(w, streamRequest("10.0.0.1"), answering(503, "text/html", make(chan struct{}))); err != nil || w.Code != 503 {
+		t.Fatalf("retry_statuses off: %d, %v", w.Code, err)
+	}
+}
+
+// TestHeadReleasesTheUpstream checks that a HEAD never leaves an upstream
+// response running: it goes upstream as GET, whose response is cut after
+// its header, and the client gets that header.
+func TestHeadReleasesTheUpstream(t *testing.T) {
+	h := &Handler{}
+	provisionTest(t, h)
+	released := make(chan struct{})
+	next := handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if r.Method != http.MethodGet {
+			t.Errorf("upstream got %s, want GET", r.Method)
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Header().Set("X-Legacy", "yes")
+		w.WriteHeader(http.StatusOK)
+		if _, err := w.Write([]byte("data: one\n\n")); err == nil {
+			t.Error("the upstream's body of a HEAD was taken")
+		}
+		select {
+		case <-r.Context().Done():
+			close(released)
+		case <-time.After(testWait):
+		}
+		return nil
+	})
+	w := httptest.NewRecorder()
+	r := streamRequest("10.0.0.1")
+	r.Method = http.MethodHead
+	if err := h.ServeHTTP(w, r, next); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, released, "the upstream GET to be cut")
+	if w.Code != http.StatusOK || w.Header().Get("X-Legacy") != "yes" || w.Body.Len() != 0 {
+		t.Fatalf("HEAD answered %d %v %q", w.Code, w.Header(), w.Body.String())
+	}
+}
+
+func TestMaxStreamRate(t *testing.T) {
+	h := &Handler{MaxStreamRate: 2, CloseEvent: "close"}
+	clock, _ := provisionTest(t, h)
+	var releases []chan struct{}
+	defer func() {
+		for _, rel := range releases {
+			close(rel)
+		}
+	}()
+	admit := func() {
+		_, rel := heldStream(t, h, streamRequest("10.0.0.1"))
+		releases = append(releases, rel)
+	}
+	admit()
+	admit()
+	w := httptest.NewRecorder()
+	wantRefusalStream(t, w, h.ServeHTTP(w, streamRequest("10.0.0.1"), notContacted(t)), reasonMaxStreamRate)
+	clock.Advance(500 * time.Millisecond)
+	admit()
+	w = httptest.NewRecorder()
+	wantRefusalStream(t, w, h.ServeHTTP(w, streamRequest("10.0.0.1"), notContacted(t)), reasonMaxStreamRate)
 }

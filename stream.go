@@ -53,6 +53,9 @@ const (
 	// boundary can be found, so nothing is added to it and a close ends it
 	// at any byte; it is still counted, drained and time-limited.
 	opaque
+	// headOnly: the answer to a HEAD, whose upstream GET was cut after its
+	// header (see Handler.ServeHTTP).
+	headOnly
 )
 
 // endReason says why a request ended without a stream, or how its stream
@@ -74,6 +77,10 @@ const (
 	reasonUpstreamTimeout     endReason = "upstream_timeout"
 	reasonMaxStreams          endReason = "max_streams"
 	reasonMaxStreamsPerClient endReason = "max_streams_per_client"
+	reasonMaxStreamRate       endReason = "max_stream_rate"
+	// reasonUpstreamStatus is followed by the status, as in
+	// upstream_status_502 (see RetryStatuses).
+	reasonUpstreamStatus endReason = "upstream_status"
 )
 
 // streamEndReasons are the reasons a stream that reached the client ends
@@ -81,7 +88,8 @@ const (
 var (
 	streamEndReasons = []endReason{reasonClientGone, reasonUpstreamEnd, reasonUpstreamError,
 		reasonWriteTimeout, reasonIdleTimeout, reasonMaxLifetime, reasonDrain}
-	refusalReasons = []endReason{reasonMaxStreams, reasonMaxStreamsPerClient, reasonUpstreamTimeout, reasonDrain}
+	refusalReasons = []endReason{reasonMaxStreams, reasonMaxStreamsPerClient, reasonMaxStreamRate,
+		reasonUpstreamTimeout, reasonUpstreamStatus, reasonDrain}
 )
 
 var (
@@ -106,6 +114,7 @@ type stream struct {
 	// write deadline on it from any goroutine.
 	base           http.ResponseWriter
 	askedForStream bool   // its Accept names text/event-stream
+	head           bool   // a HEAD, sent upstream as GET
 	client         string // Caddy's client IP
 	cancelUpstream context.CancelCauseFunc
 
@@ -150,6 +159,7 @@ func newStream(h *Handler, w http.ResponseWriter, r *http.Request) *stream {
 		req:                   r,
 		base:                  w,
 		askedForStream:        wantsStream(r),
+		head:                  r.Method == http.MethodHead,
 		client:                clientIP(r),
 		state:                 newEventState(),
 	}
@@ -188,11 +198,26 @@ func (s *stream) serve(next caddyhttp.Handler) error {
 	s.stopDecoding()
 
 	switch s.settle() {
-	case waiting, passThrough:
+	case waiting:
+		if panicked != nil {
+			panic(panicked)
+		}
+		// The next handler failed before any header: reverse_proxy's 502
+		// while the upstream restarts, say.
+		if status := errorStatus(err); err != nil && s.askedForStream && s.h.retryStatus(status) {
+			return s.h.refuse(s.ResponseWriter, s.req, upstreamStatus(status))
+		}
+		return err
+	case passThrough:
 		if panicked != nil {
 			panic(panicked)
 		}
 		return err
+	case headOnly:
+		if panicked != nil && panicked != http.ErrAbortHandler {
+			panic(panicked)
+		}
+		return nil
 	case refused:
 		if panicked != nil && panicked != http.ErrAbortHandler {
 			panic(panicked)
@@ -266,7 +291,21 @@ func (s *stream) WriteHeader(status int) {
 		return
 	}
 	s.wroteHeader = true
-	if status != http.StatusOK || s.req.Method == http.MethodHead || !isEventStream(s.Header()) {
+	if s.head {
+		// Answer the HEAD with the GET's header, and cut the GET.
+		s.mode = headOnly
+		s.stopClockLocked()
+		s.h.streams.remove(s)
+		s.endLocked(reasonUpstreamEnd, errGatewayClosed)
+		s.ResponseWriter.WriteHeader(status)
+		return
+	}
+	if s.askedForStream && s.h.retryStatus(status) {
+		dropEntityHeaders(s.Header())
+		s.refuseLocked(upstreamStatus(status))
+		return
+	}
+	if status != http.StatusOK || !isEventStream(s.Header()) {
 		s.mode = passThrough
 		s.stopClockLocked()
 		s.h.streams.remove(s)
@@ -274,16 +313,35 @@ func (s *stream) WriteHeader(status int) {
 		return
 	}
 	if reason := s.h.streams.acquire(s); reason != "" {
-		// A stream that did not ask to be one, over the limits. Its
-		// header is the upstream's, not an answer of the gateway's.
-		header := s.Header()
-		header.Del("Content-Type")
-		header.Del("Content-Encoding")
-		header.Del("Content-Length")
+		// A stream that did not ask to be one, over the limits.
+		dropEntityHeaders(s.Header())
 		s.refuseLocked(reason)
 		return
 	}
 	s.engageLocked(status)
+}
+
+// dropEntityHeaders removes the headers that describe the upstream's body
+// from a response the gateway answers itself.
+func dropEntityHeaders(header http.Header) {
+	header.Del("Content-Type")
+	header.Del("Content-Encoding")
+	header.Del("Content-Length")
+}
+
+// upstreamStatus is the reason of a refusal in place of the upstream's
+// status.
+func upstreamStatus(status int) endReason {
+	return reasonUpstreamStatus + "_" + endReason(strconv.Itoa(status))
+}
+
+// errorStatus is the status Caddy answers an error from a handler with.
+func errorStatus(err error) int {
+	var he caddyhttp.HandlerError
+	if errors.As(err, &he) && he.StatusCode != 0 {
+		return he.StatusCode
+	}
+	return http.StatusInternalServerError
 }
 
 // isEventStream reports whether the response's Content-Type is
@@ -370,6 +428,8 @@ func (s *stream) Write(p []byte) (int, error) {
 	switch {
 	case s.mode == passThrough:
 		return s.ResponseWriter.Write(p)
+	case s.mode == headOnly:
+		return 0, errStreamClosed
 	case s.decoder != nil:
 		return s.decoder.Write(p)
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"golang.org/x/time/rate"
 )
 
 // streamSet is a handler's open requests: every request from its arrival
@@ -15,6 +16,7 @@ import (
 // the limits count, and reaches every open request when they must drain.
 type streamSet struct {
 	clock     clock
+	rate      *rate.Limiter // new streams per second, if capped
 	mu        sync.Mutex
 	slots     int            // streams in progress, or asked for
 	perClient map[string]int // the same, by client IP
@@ -34,8 +36,12 @@ const (
 	cutTries  = 5
 )
 
-func newStreamSet(c clock) *streamSet {
-	return &streamSet{clock: c, perClient: make(map[string]int), open: make(map[*stream]struct{})}
+func newStreamSet(c clock, perSecond int) *streamSet {
+	set := &streamSet{clock: c, perClient: make(map[string]int), open: make(map[*stream]struct{})}
+	if perSecond > 0 {
+		set.rate = rate.NewLimiter(rate.Limit(perSecond), perSecond)
+	}
+	return set
 }
 
 // wantsStream reports whether the request asks for an event stream: those
@@ -60,7 +66,7 @@ func clientIP(r *http.Request) string {
 // A stream that already holds one keeps it.
 func (set *streamSet) acquire(s *stream) (refusedBy endReason) {
 	h := s.h
-	if h.MaxStreams == 0 && h.MaxStreamsPerClient == 0 {
+	if h.MaxStreams == 0 && h.MaxStreamsPerClient == 0 && set.rate == nil {
 		return ""
 	}
 	set.mu.Lock()
@@ -72,6 +78,8 @@ func (set *streamSet) acquire(s *stream) (refusedBy endReason) {
 		return reasonMaxStreams
 	case h.MaxStreamsPerClient > 0 && set.perClient[s.client] >= h.MaxStreamsPerClient:
 		return reasonMaxStreamsPerClient
+	case set.rate != nil && !set.rate.AllowN(set.clock.Now(), 1):
+		return reasonMaxStreamRate
 	}
 	set.slots++
 	set.perClient[s.client]++
