@@ -47,6 +47,7 @@ type eventState struct {
 	idLine    []byte
 	idNUL     bool
 	idTooLong bool
+	idCtl     bool // the id line has a control character (see ctlIDs)
 	// idBuffer is the parser's last-event-ID buffer: the last id field read.
 	idBuffer []byte
 	// lastEventID is the event source's last event ID: idBuffer as of the
@@ -62,6 +63,10 @@ type eventState struct {
 
 	// events counts dispatched events (blank lines after a data field).
 	events int64
+	// ctlIDs counts ids with control characters other than NUL: the client
+	// keeps them and sends them back in Last-Event-ID, a header that
+	// servers refuse with such bytes.
+	ctlIDs int64
 }
 
 type fieldKind uint8
@@ -180,7 +185,7 @@ func (s *eventState) scan(p []byte, stopAtBoundary bool) int {
 			s.skipSpace = true
 			if s.field == fieldID {
 				s.idLine = s.idLine[:0]
-				s.idNUL, s.idTooLong = false, false
+				s.idNUL, s.idTooLong, s.idCtl = false, false, false
 			}
 			i++
 			continue
@@ -200,8 +205,11 @@ func (s *eventState) appendID(v []byte) {
 		v = v[1:]
 	}
 	for _, c := range v {
-		if c == 0 {
+		switch {
+		case c == 0:
 			s.idNUL = true
+		case c < ' ' && c != '\t' || c == 0x7f:
+			s.idCtl = true
 		}
 	}
 	if len(s.idLine)+len(v) > maxEventIDLen {
@@ -237,7 +245,7 @@ func (s *eventState) endLine() {
 		field = s.fieldName()
 		if field == fieldID {
 			s.idLine = s.idLine[:0]
-			s.idNUL, s.idTooLong = false, false
+			s.idNUL, s.idTooLong, s.idCtl = false, false, false
 		}
 	}
 	switch field {
@@ -247,6 +255,9 @@ func (s *eventState) endLine() {
 		if !s.idNUL {
 			s.idBuffer, s.idLine = s.idLine, s.idBuffer[:0]
 			s.idBufferKnown = !s.idTooLong
+			if s.idCtl {
+				s.ctlIDs++
+			}
 		}
 	}
 }

@@ -166,6 +166,7 @@ type Handler struct {
 	clock         clock
 	logger        *zap.Logger
 	warnOpaque    *sync.Once // logs the undecodable-upstream warning once
+	quirks        *quirkReports
 }
 
 // Defaults of the options that have one.
@@ -217,6 +218,7 @@ func (h *Handler) Provision(ctx caddy.Context) (err error) {
 		return err
 	}
 	h.warnOpaque = new(sync.Once)
+	h.quirks = newQuirkReports()
 	if h.clock == nil {
 		h.clock = realClock{}
 	}

@@ -21,6 +21,7 @@ var sseMetrics = struct {
 	heartbeats prometheus.Counter
 	duration   prometheus.Histogram
 	teardown   prometheus.Histogram
+	quirks     *prometheus.CounterVec
 }{}
 
 func initMetrics(registry *prometheus.Registry) error {
@@ -61,6 +62,13 @@ func initMetrics(registry *prometheus.Registry) error {
 			Help:    "Time from the client being gone to the upstream request being released.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10), // 100µs to ~26s
 		})
+		m.quirks = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "upstream_quirks_total",
+			Help: "Streams whose upstream showed a legacy server's quirk (content_type_params, content_length, id_control_chars, buffered).",
+		}, []string{"quirk"})
+		for _, q := range allQuirks {
+			m.quirks.WithLabelValues(string(q))
+		}
 		// Every reason appears from the start, so rates work before the first end.
 		for _, r := range streamEndReasons {
 			m.ended.WithLabelValues(string(r))
@@ -69,7 +77,7 @@ func initMetrics(registry *prometheus.Registry) error {
 			m.refused.WithLabelValues(string(r))
 		}
 	})
-	for _, c := range []prometheus.Collector{m.active, m.ended, m.refused, m.events, m.bytes, m.heartbeats, m.duration, m.teardown} {
+	for _, c := range []prometheus.Collector{m.active, m.ended, m.refused, m.events, m.bytes, m.heartbeats, m.duration, m.teardown, m.quirks} {
 		var already prometheus.AlreadyRegisteredError
 		if err := registry.Register(c); err != nil && !errors.As(err, &already) {
 			return err

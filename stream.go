@@ -144,6 +144,10 @@ type stream struct {
 	times      streamTimes
 	bytesOut   int64
 	heartbeats int64
+	// eventWrites counts the first writes that carried events, while they
+	// may still show the upstream's buffering (quirks.go).
+	eventWrites int
+	ctlIDs      int64 // ids with control characters seen when last reported
 
 	// cutting is set when the drain's hard stop cuts the stream.
 	cutting atomic.Bool
@@ -376,11 +380,18 @@ func (s *stream) engageLocked(status int) {
 			})
 		}
 	}
+	if contentType := header.Get("Content-Type"); contentType != "text/event-stream" {
+		header.Set("Content-Type", "text/event-stream")
+		s.h.reportQuirk(s, quirkContentTypeParams)
+	}
+	if header.Get("Content-Length") != "" {
+		header.Del("Content-Length")
+		s.h.reportQuirk(s, quirkContentLength)
+	}
 	header.Set("X-Accel-Buffering", "no")
 	if header.Get("Cache-Control") == "" {
 		header.Set("Cache-Control", "no-cache")
 	}
-	header.Del("Content-Length")
 	s.boundWritesLocked()
 	s.rc = http.NewResponseController(s.ResponseWriter)
 	setClientTimeout(s.req.Context(), time.Duration(s.h.WriteTimeout))
@@ -471,6 +482,13 @@ func (s *stream) forward(p []byte) error {
 	s.upstreamActiveLocked()
 	if n := s.state.events - dispatched; n > 0 {
 		sseMetrics.events.Add(float64(n))
+		if s.eventWrites < burstWrites {
+			s.watchBurstsLocked(len(rest), n)
+		}
+		if s.state.ctlIDs != s.ctlIDs && s.ctlIDs == 0 {
+			s.h.reportQuirk(s, quirkIDControlChars)
+		}
+		s.ctlIDs = s.state.ctlIDs
 	}
 	if closing && s.state.atBoundary() {
 		s.closeLocked(s.times.closing)
