@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 )
@@ -460,7 +459,7 @@ func TestUpstreamEndLogsTotals(t *testing.T) {
 // every timer path taken (heartbeat, lifetime close, client gone), and
 // checks that no goroutine or timer callback outlives them.
 func TestRealTimersLeaveNothingBehind(t *testing.T) {
-	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	defer verifyNoNewGoroutines(t)()
 	zero := 0.0
 	h := &Handler{Heartbeat: caddy.Duration(time.Millisecond), MaxLifetime: caddy.Duration(50 * time.Millisecond),
 		LifetimeJitter: &zero, CloseEvent: "bye", CloseGrace: caddy.Duration(time.Minute)}

@@ -47,7 +47,7 @@ func TestE2EReloadDrainsStreams(t *testing.T) {
 	const window = 2 * time.Second
 	up := newUpstream(t)
 	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{LoadRequestTimeout: 30 * time.Second})
-	if os.Getenv("CI") != "" {
+	if os.Getenv("CI") == "true" {
 		t.Cleanup(func() {
 			if t.Skipped() {
 				t.Error("caddytest could not start Caddy; in CI that is a failure")

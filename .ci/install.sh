@@ -23,4 +23,5 @@ if [ "$node_major" -lt 20 ]; then
 	exit 1
 fi
 npm ci --prefix proof/js --no-audit --no-fund --loglevel=error
-go mod download
+# The modules that the tests of every module in go.work build with.
+go list -deps -test github.com/ssegateway/caddy-sse/... >/dev/null

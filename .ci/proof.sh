@@ -4,7 +4,7 @@
 # docs/reliability.md from the run's figures.
 #
 #   bash .ci/proof.sh            install, run, write the report
-#   bash .ci/proof.sh install    install only (then `go test -race ./...`
+#   bash .ci/proof.sh install    install only (then `go test -race ./proof`
 #                                runs the suite; export SSE_RELIABILITY_REPORT
 #                                to have it write the report)
 #

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command bench measures the sse module side by side with Caddy's bare
 // reverse_proxy and nginx, on loopback, and writes docs/benchmarks.md with
 // its plots.

@@ -29,7 +29,9 @@ func TestStopWithUnlimitedGracePeriod(t *testing.T) {
 	const drainWindow = 2 * time.Second
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "caddy")
-	build := exec.Command("go", "build", "-o", bin, "github.com/ssegateway/caddy-sse/cmd/caddy")
+	// cmd/caddy belongs to the module in the parent directory, not to this one.
+	build := exec.Command("go", "build", "-o", bin, "./cmd/caddy")
+	build.Dir = ".."
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("building caddy: %v\n%s", err, out)
 	}
