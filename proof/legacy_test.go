@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net/http"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -50,7 +52,7 @@ type legacyNotice struct {
 // first or the second write after the hang-up that fails.
 func noticeOnWrite(interval time.Duration) legacyNotice {
 	return legacyNotice{bound: 2*interval + 500*time.Millisecond,
-		how: "notices only when it writes: at its next event, or the one after when the first write still succeeds"}
+		how: "notices only when it writes: the first write after the hang-up can still succeed, the reset it draws fails the next"}
 }
 
 // checkLegacyStreams opens a stream through the gateway and measures how
@@ -117,8 +119,12 @@ func checkLegacyStreams(t *testing.T, rec *caseRecorder, s *legacyServer, g *leg
 		// before writing).
 		writesAfter[l.N-got[len(got)-1].N]++
 	}
-	rec.figure("%s frees a stream's handler %s after the client hung up (max over %d; %s); events it wrote after the client's last: %v",
-		s.kind, ms(percentile(teardowns, 100)), len(teardowns), notice.how, writesAfter)
+	var counts []string
+	for _, n := range slices.Sorted(maps.Keys(writesAfter)) {
+		counts = append(counts, fmt.Sprintf("%d after %d of %d hang-ups", n, writesAfter[n], len(teardowns)))
+	}
+	rec.figure("%s lets go of %s %s after the client hung up (max over %d; %s); events it wrote after the client's last: %s",
+		s.kind, legacyHeld[s.kind], ms(percentile(teardowns, 100)), len(teardowns), notice.how, strings.Join(counts, ", "))
 
 	a := legacyDo(client, http.MethodGet, g.url+s.helloPath, nil, 2*time.Second)
 	if a.err != nil || a.status != http.StatusOK {
@@ -127,6 +133,13 @@ func checkLegacyStreams(t *testing.T, rec *caseRecorder, s *legacyServer, g *leg
 	if w := g.bufferingWarnings(t); len(w) > 0 {
 		t.Errorf("the gateway warned about buffering for a server that flushes every event: %v", w)
 	}
+}
+
+// legacyHeld names what a stream holds on each server.
+var legacyHeld = map[legacyKind]string{
+	legacyExpress: "a stream's handler (its interval)",
+	legacyPHP:     "a stream's script",
+	legacyFlask:   "a stream's sync worker",
 }
 
 // checkLegacyClose checks what the server said about why it stopped.
