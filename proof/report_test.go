@@ -73,6 +73,18 @@ var cases = []proofCase{
 	{"churn", "TestChurn", "Churn: 10,000 streams dropped at random moments",
 		"10,000 streams (at most 200 at once) dropped at random moments (before headers, mid-event, between events); afterwards 0 goroutines of the handler, 0 extra file descriptors, 0 upstream requests or connections still open, the live heap back within 4 MiB of its baseline",
 		"the client dropping its stream"},
+	{"legacy-express", "TestLegacyExpress, TestLegacyHEAD/express, TestLegacyRestart/express",
+		"Real server: Node + Express (`res.write` in a `setInterval`, 200 ms)",
+		"events reach the client within 300 ms of the server's write; a client that hangs up makes the server's `req` emit `close` (interval cleared) within 1 s, without waiting for a write; after a HEAD through the gateway the server lets go of it and a GET still gets its events on the pooled connection; Chromium's EventSource stays subscribed through a restart of the server (while it is down the gateway answers with a 200 event stream that carries `retry:`)",
+		"the client hanging up (to the server's own log line)"},
+	{"legacy-php", "TestLegacyPHP, TestLegacyHEAD/php, TestLegacyRestart/php, TestLegacyBufferingWarning/php",
+		"Real server: PHP built-in server (`php -S`), Debian's production php.ini",
+		"the tutorial's `echo; ob_flush(); flush(); sleep` loop (200 ms): events within 300 ms, a client that hangs up ends the script (`connection_aborted()`) at a write, within two intervals + 500 ms; the one process serves nothing else while a stream is open; the loop that forgets `ob_flush` is shown to deliver late, in 4 KiB bursts (`output_buffering = 4096`), to notice a hang-up only at a full buffer, and the gateway warns about it; a HEAD leaves the server free; Chromium's EventSource stays subscribed through a restart",
+		"the client hanging up (to the server's own log line)"},
+	{"legacy-flask", "TestLegacyFlask, TestLegacyFlaskWorkers, TestLegacyHEAD/flask, TestLegacyRestart/flask, TestLegacyMaxStreamRate/flask",
+		"Real server: Flask generator on gunicorn, 2 sync workers",
+		"events (200 ms apart) within 300 ms; a client that hangs up frees its worker (GeneratorExit) at a write, within two intervals + 500 ms; two held streams starve the server's other route until a client leaves, `max_streams 1` refuses the second stream before the server and keeps the other route answering, `max_stream_rate` keeps it answering while clients come and go; a HEAD leaves no worker taken; Chromium's EventSource stays subscribed through a restart",
+		"the client hanging up (to the server's own log line)"},
 }
 
 // proofReport collects the figures of a run. It is the suite's one

@@ -1,0 +1,3 @@
+<?php
+// Another route of the same server, to see whether streams starve it.
+echo "hello\n";
