@@ -40,6 +40,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    refuse_with            stream|status
 //	    retry_statuses         <code|4xx|5xx>...|off
 //	    max_stream_rate        <n per second>
+//	    retry_bounds           <min> <max>
 //	}
 //
 // Every option may appear once. Without a block, all defaults apply.
@@ -62,6 +63,23 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			if _, err := parseRetryStatuses(h.RetryStatuses); err != nil {
 				return d.Err(err.Error())
+			}
+			continue
+		}
+		if option == "retry_bounds" {
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return d.ArgErr()
+			}
+			for _, a := range args {
+				dur, err := parseDuration(d, option, a)
+				if err != nil {
+					return err
+				}
+				h.RetryBounds = append(h.RetryBounds, dur)
+			}
+			if h.RetryBounds[0] > h.RetryBounds[1] {
+				return d.Errf("%s: the minimum %s is above the maximum %s", option, args[0], args[1])
 			}
 			continue
 		}

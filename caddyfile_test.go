@@ -39,6 +39,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			refuse_with status
 			retry_statuses 5xx 429 404
 			max_stream_rate 50
+			retry_bounds 1s 1m
 		}`, Handler{
 			Heartbeat:           caddy.Duration(20 * time.Second),
 			HeartbeatText:       "keep alive",
@@ -56,6 +57,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			RefuseWith:          "status",
 			RetryStatuses:       []string{"5xx", "429", "404"},
 			MaxStreamRate:       50,
+			RetryBounds:         []caddy.Duration{caddy.Duration(time.Second), caddy.Duration(time.Minute)},
 		}},
 		{"retry statuses off", "sse {\nretry_statuses off\n}", Handler{RetryStatuses: []string{"off"}}},
 		{"rate per second", "sse {\nmax_stream_rate 5/s\n}", Handler{MaxStreamRate: 5}},
@@ -90,6 +92,9 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"retry_statuses 200", "sse {\n  retry 1s\n  retry_statuses 5xx 200\n}", []string{"retry_statuses", "\"200\"", "Testfile:3"}},
 		{"retry_statuses off and more", "sse {\n  retry_statuses off 502\n}", []string{"retry_statuses", "Testfile:2"}},
 		{"max_stream_rate 0", "sse {\n  max_stream_rate 0\n}", []string{"max_stream_rate", "Testfile:2"}},
+		{"retry_bounds one", "sse {\n  retry_bounds 1s\n}", []string{"Testfile:2"}},
+		{"retry_bounds reversed", "sse {\n  retry 1s\n  retry_bounds 1m 1s\n}", []string{"retry_bounds", "above", "Testfile:3"}},
+		{"retry_bounds bad", "sse {\n  retry_bounds 1s soon\n}", []string{"retry_bounds", "soon", "Testfile:2"}},
 		{"refuse_with", "sse {\n  retry 1s\n  refuse_with 503\n}", []string{"refuse_with", "stream or status", "Testfile:3"}},
 		{"extra value", "sse {\n  idle_timeout 1s 2s\n}", []string{"Testfile:2"}},
 		{"unparsable duration", "sse {\n  max_lifetime soon\n}", []string{"max_lifetime", "soon", "Testfile:2"}},
@@ -143,6 +148,8 @@ func TestValidateJSON(t *testing.T) {
 		{"unknown refusal", Handler{RefuseWith: "503"}, "refuse_with"},
 		{"retry status out of range", Handler{RetryStatuses: []string{"302"}}, "retry_statuses"},
 		{"negative stream rate", Handler{MaxStreamRate: -1}, "max_stream_rate"},
+		{"retry bounds reversed", Handler{RetryBounds: []caddy.Duration{2, 1}}, "retry_bounds"},
+		{"retry bounds alone", Handler{RetryBounds: []caddy.Duration{2}}, "retry_bounds"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.h.Validate()

@@ -159,6 +159,16 @@ type Handler struct {
 	// 0, no cap.
 	MaxStreamRate int `json:"max_stream_rate,omitempty"`
 
+	// RetryBounds, when set, clamps every `retry:` value the upstream sends
+	// to [min, max]: `retry: 0` on a stream that ends after each event
+	// makes a reconnect storm, and a huge value parks clients for days.
+	// Only valid retry lines are rewritten, at their end; the stream is
+	// otherwise untouched. Two durations, min then max. Default: none,
+	// since most servers send no retry and the upstream's value is its
+	// own business until it misbehaves; `retry_bounds 1s 1m` suits most
+	// legacy servers.
+	RetryBounds []caddy.Duration `json:"retry_bounds,omitempty"`
+
 	heartbeatLine []byte // ":" + HeartbeatText + "\n\n"
 	retryStatus   func(status int) bool
 	jitter        float64
@@ -261,6 +271,9 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxStreamsPerClient < 0 {
 		return fmt.Errorf("max_streams_per_client: must not be negative, got %d", h.MaxStreamsPerClient)
+	}
+	if b := h.RetryBounds; b != nil && (len(b) != 2 || b[0] < 0 || b[1] < b[0]) {
+		return fmt.Errorf("retry_bounds: want a minimum and a maximum duration, the minimum not above the maximum, got %v", b)
 	}
 	if strings.ContainsAny(h.HeartbeatText, "\r\n") {
 		return fmt.Errorf("heartbeat_text: must not contain CR or LF")

@@ -144,6 +144,10 @@ type stream struct {
 	times      streamTimes
 	bytesOut   int64
 	heartbeats int64
+	// retries clamps the upstream's retry lines, with rewritten as its
+	// buffer, when retry_bounds is set.
+	retries   *retryClamp
+	rewritten []byte
 	// eventWrites counts the first writes that carried events, while they
 	// may still show the upstream's buffering (quirks.go).
 	eventWrites int
@@ -368,6 +372,9 @@ func (s *stream) refuseLocked(reason endReason) {
 func (s *stream) engageLocked(status int) {
 	header := s.Header()
 	s.mode = events
+	if b := s.h.RetryBounds; len(b) == 2 {
+		s.retries = newRetryClamp(time.Duration(b[0]), time.Duration(b[1]))
+	}
 	if encoding := header.Get("Content-Encoding"); encoding != "" && !strings.EqualFold(encoding, "identity") {
 		// The upstream compressed it despite Accept-Encoding: identity.
 		if s.decoder = startDecoder(s, encoding); s.decoder != nil {
@@ -466,6 +473,10 @@ func (s *stream) forward(p []byte) error {
 		return nil
 	}
 	prefix, rest := s.state.takeBOM(p, s.bytesOut > 0)
+	if s.retries != nil {
+		s.rewritten = s.retries.rewrite(s.rewritten[:0], rest)
+		rest = s.rewritten
+	}
 	closing := s.times.closing != ""
 	if closing {
 		// A close waits for the event in flight to end: forward up to the
@@ -672,9 +683,15 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 			s.reason = reasonUpstreamError
 		default:
 			s.reason = reasonUpstreamEnd
-			// Bytes held back as a possible BOM were data after all.
+			// Bytes held back as a possible BOM, or a possible retry line,
+			// were data after all.
 			if s.state.bomMatched > 0 && s.state.bomMatched < bomDone {
 				s.writeLocked(nil, utf8BOM[:s.state.bomMatched])
+			}
+			if s.retries != nil {
+				if held := s.retries.flush(nil); len(held) > 0 {
+					s.writeLocked(nil, held)
+				}
 			}
 		}
 		s.closed = true
