@@ -59,7 +59,7 @@ var cases = []proofCase{
 		"the event streams through byte-exact (heartbeats only at boundaries), the client holds half of it while the upstream pauses mid-event, and the gateway's live heap then stays under 2 MiB above its baseline (no buffering); other streams unaffected",
 		""},
 	{"fault-gzip", "TestFaults/gzip_despite_request", "Upstream sends gzip though not asked",
-		"the client's Accept-Encoding: gzip does not reach the upstream (it is asked for an uncompressed answer); the gzip it sends anyway passes through byte-identical (no heartbeat injected while it is quiet), decompresses to the upstream's events, and a warning is logged; other streams unaffected",
+		"the client's Accept-Encoding: gzip does not reach the upstream (it is asked for an uncompressed answer); the gzip it sends anyway is decoded, and the client gets exactly the upstream's events with heartbeats only between them, uncompressed, and a clean end; other streams unaffected",
 		""},
 	{"fault-unterminated", "TestFaults/no_final_blank_line", "Upstream closes without a final blank line",
 		"for endings LF, CR and CRLF the body ends cleanly, byte-identical to the upstream's apart from heartbeats at boundaries, and the unfinished last event is not dispatched; other streams unaffected",
