@@ -223,17 +223,21 @@ func writeReport(res *results, m machine, notes, path string) error {
 		cfg.eventRate, cfg.eventRate, cfg.eventSize)
 	w("first events of each stream at a random phase. Latency is receive time (when the client's read returned\n")
 	w("the event's last bytes) minus send time; the first %s of every run is discarded, the next %s kept,\n", cfg.warmup, cfg.measure)
-	w("over %d round%s. *Added* is the target's quantile minus the direct path's. CPU is the target's, during the window.\n\n", cfg.rounds, plural(cfg.rounds))
+	w("over %d round%s. *Added* is the target's quantile minus the direct path's. CPU is the target's, during the window.\n", cfg.rounds, plural(cfg.rounds))
+	w("The upstream schedules each stream's events by absolute time and sends any it owes after a late wake-up, so the\n")
+	w("stated rate holds when its timer cannot fire on time. *Sent/s* is what it wrote during the windows, *received/s*\n")
+	w("what the clients received in them; a run below %.0f %% of the stated rate is listed under the problems.\n\n", 100*minRateShare)
 	for _, n := range cfg.latencyCounts {
 		w("### %d stream%s\n\n", n, plural(n))
-		w("| target | events | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | added p99 ÷ caddy | added p99 ÷ nginx | CPU %% |\n")
-		w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		w("| target | events | sent/s | received/s | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | added p99 ÷ caddy | added p99 ÷ nginx | CPU %% |\n")
+		w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, t := range cfg.targets {
 			l := res.latencyFor(t, n)
 			if l == nil || len(l.samples) == 0 {
 				continue
 			}
-			w("| %s | %d | %s | %s | %s |", t, len(l.samples), us(quantile(l.samples, 0.5)), us(quantile(l.samples, 0.99)), us(quantile(l.samples, 0.999)))
+			w("| %s | %d | %.0f | %.0f | %s | %s | %s |", t, len(l.samples), l.sentRate(), l.receivedRate(),
+				us(quantile(l.samples, 0.5)), us(quantile(l.samples, 0.99)), us(quantile(l.samples, 0.999)))
 			if t == targetDirect {
 				w(" — | — | — | — | — | %s |\n", cpuCell(l.cpu, t))
 				continue

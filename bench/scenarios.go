@@ -87,6 +87,32 @@ type latencyResult struct {
 	failed  int
 	early   int // streams that ended before the run did
 	cpu     float64
+	// seconds is the length of the measurement windows, summed over rounds;
+	// len(samples) / seconds is the rate the clients received.
+	seconds float64
+	// sent is how many events the upstream wrote in sentSeconds (the same
+	// windows, as the harness's clock saw them), skipped how many it gave up.
+	sent        int64
+	sentSeconds float64
+	skipped     int64
+	// roundP99 is each round's own p99, to show how far rounds disagree.
+	roundP99 []int64
+}
+
+// receivedRate is the events per second the clients received in the windows.
+func (l *latencyResult) receivedRate() float64 {
+	if l.seconds == 0 {
+		return 0
+	}
+	return float64(len(l.samples)) / l.seconds
+}
+
+// sentRate is the events per second the upstream wrote in the windows.
+func (l *latencyResult) sentRate() float64 {
+	if l.sentSeconds == 0 {
+		return 0
+	}
+	return float64(l.sent) / l.sentSeconds
 }
 
 type throughputResult struct {
@@ -98,6 +124,8 @@ type throughputResult struct {
 	cpu     float64
 	failed  int
 	early   int
+	// roundRates is each round's events per second.
+	roundRates []float64
 }
 
 type scaleResult struct {
@@ -188,6 +216,11 @@ func (b *bench) runShared(ctx context.Context) error {
 					prev.failed += r.failed
 					prev.early += r.early
 					prev.cpu = (prev.cpu + r.cpu) / 2
+					prev.seconds += r.seconds
+					prev.sent += r.sent
+					prev.sentSeconds += r.sentSeconds
+					prev.skipped += r.skipped
+					prev.roundP99 = append(prev.roundP99, r.roundP99...)
 				} else {
 					latency[key] = r
 					b.res.latency = append(b.res.latency, r)
@@ -208,6 +241,7 @@ func (b *bench) runShared(ctx context.Context) error {
 					prev.cpu = (prev.cpu + r.cpu) / 2
 					prev.failed += r.failed
 					prev.early += r.early
+					prev.roundRates = append(prev.roundRates, r.roundRates...)
 				} else {
 					throughput[key] = r
 					b.res.throughput = append(b.res.throughput, r)
@@ -259,10 +293,13 @@ func (b *bench) runLatency(ctx context.Context, g *gateway, n int) *latencyResul
 	set := openStreams(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(int) string { return path }, window)
 	start, end := window.set(b.cfg.warmup, b.cfg.measure)
 	time.Sleep(time.Until(start))
+	sent0, skipped0, t0 := b.up.sent.Load(), b.up.skipped.Load(), time.Now()
 	cpu := startCPU(g)
-	// A little past the window's end, so events sent inside it have arrived.
 	time.Sleep(time.Until(end))
-	r := &latencyResult{target: g.name, streams: n, opened: len(set.streams), failed: set.failed, cpu: cpu.percent()}
+	sent1, skipped1, t1 := b.up.sent.Load(), b.up.skipped.Load(), time.Now()
+	r := &latencyResult{target: g.name, streams: n, opened: len(set.streams), failed: set.failed, cpu: cpu.percent(),
+		seconds: b.cfg.measure.Seconds(), sent: sent1 - sent0, sentSeconds: t1.Sub(t0).Seconds(), skipped: skipped1 - skipped0}
+	// A little past the window's end, so events sent inside it have arrived.
 	time.Sleep(50 * time.Millisecond)
 	r.early = set.endedEarly()
 	set.closeAll()
@@ -275,10 +312,12 @@ func (b *bench) runLatency(ctx context.Context, g *gateway, n int) *latencyResul
 	if len(r.samples) == 0 {
 		b.res.problem("%s: no event received in the window", what)
 	}
+	b.checkRate(what, r)
 	sorted := slices.Clone(r.samples)
 	slices.Sort(sorted)
-	log.Printf("%-34s events %6d  p50 %7.1fµs  p99 %7.1fµs  p99.9 %7.1fµs  cpu %5.1f%%", what, len(sorted),
-		micros(quantile(sorted, 0.5)), micros(quantile(sorted, 0.99)), micros(quantile(sorted, 0.999)), r.cpu)
+	r.roundP99 = []int64{quantile(sorted, 0.99)}
+	log.Printf("%-34s events %6d (%6.0f/s sent, %6.0f/s received)  p50 %7.1fµs  p99 %7.1fµs  p99.9 %7.1fµs  cpu %5.1f%%", what, len(sorted),
+		r.sentRate(), r.receivedRate(), micros(quantile(sorted, 0.5)), micros(quantile(sorted, 0.99)), micros(quantile(sorted, 0.999)), r.cpu)
 	return r
 }
 
@@ -304,6 +343,7 @@ func (b *bench) runThroughput(ctx context.Context, g *gateway, size int) *throug
 	r.seconds = time.Since(t0).Seconds()
 	r.cpu = cpu.percent()
 	r.events, r.bytes = e1-e0, b1-b0
+	r.roundRates = []float64{float64(r.events) / r.seconds}
 	r.early = set.endedEarly()
 	set.closeAll()
 	b.drain(what)
@@ -444,6 +484,27 @@ func (r *scaleResult) perStreamGo() float64 {
 		return 0
 	}
 	return (r.goLoad.heapInuse + r.goLoad.stackInuse - r.goBase.heapInuse - r.goBase.stackInuse) / float64(r.opened)
+}
+
+// minRateShare is the share of its stated rate a paced run must achieve;
+// below it the run is reported as a problem, since its figures describe a
+// lighter load than the report states.
+const minRateShare = 0.95
+
+// checkRate reports a latency run whose upstream sent, or whose clients
+// received, fewer events than the stated rate, or whose upstream gave events
+// up.
+func (b *bench) checkRate(what string, r *latencyResult) {
+	floor := minRateShare * b.cfg.eventRate
+	if r.sentRate() < floor {
+		b.res.problem("%s: the upstream sent %.0f events/s, below %.0f %% of the stated %.0f/s", what, r.sentRate(), 100*minRateShare, b.cfg.eventRate)
+	}
+	if r.receivedRate() < floor {
+		b.res.problem("%s: the clients received %.0f events/s, below %.0f %% of the stated %.0f/s", what, r.receivedRate(), 100*minRateShare, b.cfg.eventRate)
+	}
+	if r.skipped > 0 {
+		b.res.problem("%s: the upstream fell more than %s behind and skipped %d events", what, maxLag, r.skipped)
+	}
 }
 
 // checkSet reports streams that failed to open or ended on their own.
