@@ -46,7 +46,7 @@ func run() error {
 		scale    = flag.String("scale", "", "stream counts for the scale scenario, comma-separated (default 1000,5000,8000; smoke 50)")
 		note     = flag.String("note", "", "a sentence about the machine's state during the run, for the report (for example that it was shared)")
 		profile  = flag.String("profile", "", "save CPU and heap profiles of the sse target (idle streams at the largest scale count, one fast stream of 64 KiB events) into this directory")
-		only     = flag.String("scenarios", "latency,throughput,teardown,scale", "scenarios to run, comma-separated (the report leaves out the others)")
+		only     = flag.String("scenarios", "latency,throughput,teardown,churn,scale", "scenarios to run, comma-separated (the report leaves out the others)")
 	)
 	flag.Parse()
 
@@ -58,7 +58,7 @@ func run() error {
 	cfg.scenarios = map[string]bool{}
 	for _, s := range strings.Split(*only, ",") {
 		switch s {
-		case "latency", "throughput", "teardown", "scale":
+		case "latency", "throughput", "teardown", "churn", "scale":
 			cfg.scenarios[s] = true
 		case "":
 		default:
@@ -148,7 +148,7 @@ func run() error {
 	b := &bench{cfg: cfg, up: up, dialers: newDialers(), launcher: l, res: res}
 	log.Printf("targets %s; upstream on %s; open files %d", strings.Join(cfg.targets, ", "), up.addr(), limit)
 
-	if cfg.scenarios["latency"] || cfg.scenarios["throughput"] || cfg.scenarios["teardown"] {
+	if cfg.scenarios["latency"] || cfg.scenarios["throughput"] || cfg.scenarios["teardown"] || cfg.scenarios["churn"] {
 		if err := b.runShared(ctx); err != nil {
 			return err
 		}
@@ -164,6 +164,15 @@ func run() error {
 	machine.duration = time.Since(started)
 	machine.loadAfter = loadAverage()
 	log.Printf("measured in %s", machine.duration.Round(time.Second))
+	// The verdicts against the targets, in the log as in the report,
+	// so a missed target shows in every run, the smoke run included.
+	for _, row := range targetRows(res) {
+		word := "met   "
+		if !row.met {
+			word = "MISSED"
+		}
+		log.Printf("target %s %s: %s", word, strings.ReplaceAll(row.goal, "**", ""), row.measured)
+	}
 
 	if *out != "" {
 		if err := os.MkdirAll(*out, 0o755); err != nil {

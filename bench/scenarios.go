@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"log"
+	"math/rand/v2"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -32,6 +34,12 @@ type config struct {
 	teardownStreams int
 	teardownSpacing time.Duration
 
+	// The churn scenario holds churnStreams idle streams and, for
+	// churnMeasure, closes one and opens another churnRate times a second.
+	churnStreams int
+	churnRate    float64
+	churnMeasure time.Duration
+
 	dialParallel int
 }
 
@@ -51,6 +59,9 @@ func fullConfig() config {
 		heartbeat:         15 * time.Second,
 		teardownStreams:   250,
 		teardownSpacing:   4 * time.Millisecond,
+		churnStreams:      300,
+		churnRate:         200,
+		churnMeasure:      5 * time.Second,
 		dialParallel:      128,
 	}
 }
@@ -75,6 +86,9 @@ func smokeConfig() config {
 		heartbeat:         250 * time.Millisecond,
 		teardownStreams:   20,
 		teardownSpacing:   2 * time.Millisecond,
+		churnStreams:      20,
+		churnRate:         50,
+		churnMeasure:      400 * time.Millisecond,
 		dialParallel:      32,
 	}
 }
@@ -147,6 +161,18 @@ type teardownResult struct {
 	samples []int64 // ns, sorted
 	missing int
 	failed  int
+	// For churn: closes made and the seconds they took, so the achieved
+	// rate can be set against the stated one.
+	closes  int
+	seconds float64
+}
+
+// closeRate is the closes per second a churn run achieved.
+func (t *teardownResult) closeRate() float64 {
+	if t.seconds == 0 {
+		return 0
+	}
+	return float64(t.closes) / t.seconds
 }
 
 // results is everything a run measured.
@@ -156,6 +182,7 @@ type results struct {
 	throughput []*throughputResult
 	scale      []*scaleResult
 	teardown   []*teardownResult
+	churn      []*teardownResult
 	problems   []string
 }
 
@@ -182,8 +209,8 @@ func rotated(targets []string, round int) []string {
 	return append(slices.Clone(targets[k:]), targets[:k]...)
 }
 
-// runShared runs latency, throughput and teardown against one long-lived
-// process per target, alternating targets inside every step.
+// runShared runs latency, throughput, teardown and churn against one
+// long-lived process per target, alternating targets inside every step.
 func (b *bench) runShared(ctx context.Context) error {
 	gateways := map[string]*gateway{}
 	defer func() {
@@ -201,6 +228,7 @@ func (b *bench) runShared(ctx context.Context) error {
 	latency := map[string]*latencyResult{}
 	throughput := map[string]*throughputResult{}
 	teardown := map[string]*teardownResult{}
+	churn := map[string]*teardownResult{}
 	for round := range b.cfg.rounds {
 		order := rotated(b.cfg.targets, round)
 		for _, n := range b.cfg.latencyCounts {
@@ -265,11 +293,33 @@ func (b *bench) runShared(ctx context.Context) error {
 				b.res.teardown = append(b.res.teardown, r)
 			}
 		}
+		for _, name := range order {
+			if !b.cfg.scenarios["churn"] {
+				break
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			r := b.runChurn(ctx, gateways[name])
+			if prev := churn[name]; prev != nil {
+				prev.samples = append(prev.samples, r.samples...)
+				prev.missing += r.missing
+				prev.failed += r.failed
+				prev.closes += r.closes
+				prev.seconds += r.seconds
+			} else {
+				churn[name] = r
+				b.res.churn = append(b.res.churn, r)
+			}
+		}
 	}
 	for _, r := range b.res.latency {
 		slices.Sort(r.samples)
 	}
 	for _, r := range b.res.teardown {
+		slices.Sort(r.samples)
+	}
+	for _, r := range b.res.churn {
 		slices.Sort(r.samples)
 	}
 	return nil
@@ -394,6 +444,119 @@ func (b *bench) runTeardown(ctx context.Context, g *gateway) *teardownResult {
 	sorted := slices.Clone(r.samples)
 	slices.Sort(sorted)
 	log.Printf("%-34s closes %5d  p50 %7.1fµs  p99 %7.1fµs  max %7.1fµs", what, len(sorted),
+		micros(quantile(sorted, 0.5)), micros(quantile(sorted, 0.99)), micros(quantile(sorted, 1)))
+	return r
+}
+
+// runChurn holds cfg.churnStreams idle streams and, for cfg.churnMeasure,
+// closes a random one and opens a new one cfg.churnRate times a second. For
+// every close it measures, as runTeardown does, how long until the upstream's
+// handler sees its request end, here while streams keep opening and closing
+// around it. Closes are scheduled by absolute time, so a late wake-up makes
+// the closes it owes at once instead of lowering the rate; opens run on
+// their own goroutines and do not hold the schedule up.
+func (b *bench) runChurn(ctx context.Context, g *gateway) *teardownResult {
+	n := b.cfg.churnStreams
+	what := "churn " + g.name
+	lifetime := b.cfg.churnMeasure + time.Minute
+	pathFor := func(id int) string { return fmt.Sprintf("/idle?id=%d&dur=%s", id, lifetime) }
+	base := b.teardownID
+	b.teardownID += n
+	set := openStreams(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(i int) string { return pathFor(base + i) }, nil)
+	r := &teardownResult{target: g.name, failed: set.failed}
+	type churned struct {
+		s  *stream
+		id int
+	}
+	var (
+		mu      sync.Mutex
+		alive   []churned
+		lastErr = set.lastErr
+		opens   sync.WaitGroup
+		closed  []churned
+	)
+	for _, s := range set.streams {
+		alive = append(alive, churned{s, base + s.id})
+	}
+	b.up.takeEnded()
+	time.Sleep(100 * time.Millisecond)
+
+	interval := time.Duration(float64(time.Second) / b.cfg.churnRate)
+	total := int(b.cfg.churnRate * b.cfg.churnMeasure.Seconds())
+	sem := make(chan struct{}, b.cfg.dialParallel)
+	start := time.Now()
+	for k := range total {
+		if ctx.Err() != nil {
+			break
+		}
+		time.Sleep(time.Until(start.Add(time.Duration(k) * interval)))
+		mu.Lock()
+		if len(alive) == 0 {
+			mu.Unlock()
+			continue
+		}
+		i := rand.IntN(len(alive))
+		c := alive[i]
+		alive[i] = alive[len(alive)-1]
+		alive = alive[:len(alive)-1]
+		mu.Unlock()
+		c.s.close()
+		closed = append(closed, c)
+		id := b.teardownID
+		b.teardownID++
+		opens.Add(1)
+		go func() {
+			defer opens.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			s, err := openStream(ctx, b.dialers, g.addr, pathFor(id), 15*time.Second)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				r.failed++
+				lastErr = err
+				return
+			}
+			go s.read()
+			alive = append(alive, churned{s, id})
+		}()
+	}
+	// The last close is due one interval before the window ends; a schedule
+	// that ran late stretches the window and lowers the rate.
+	r.seconds = max(time.Since(start), b.cfg.churnMeasure).Seconds()
+	r.closes = len(closed)
+	opens.Wait()
+	rest := &streamSet{}
+	for _, c := range alive {
+		rest.streams = append(rest.streams, c.s)
+	}
+	early := rest.endedEarly()
+	rest.closeAll()
+	b.drain(what)
+	ended := b.up.takeEnded()
+	for _, c := range closed {
+		at, ok := ended[c.id]
+		if !ok {
+			r.missing++
+			continue
+		}
+		r.samples = append(r.samples, at.Sub(c.s.closedAt).Nanoseconds())
+	}
+	if r.failed > 0 {
+		b.res.problem("%s: %d streams failed to open: %v", what, r.failed, lastErr)
+	}
+	if early > 0 {
+		b.res.problem("%s: %d streams ended before the run did", what, early)
+	}
+	if r.missing > 0 {
+		b.res.problem("%s: upstream never saw %d of %d closed streams end", what, r.missing, len(closed))
+	}
+	if rate := r.closeRate(); rate < minRateShare*b.cfg.churnRate {
+		b.res.problem("%s: closed %.0f streams/s, below %.0f %% of the stated %.0f/s", what, rate, 100*minRateShare, b.cfg.churnRate)
+	}
+	sorted := slices.Clone(r.samples)
+	slices.Sort(sorted)
+	log.Printf("%-34s closes %5d (%5.0f/s, %d alive)  p50 %7.1fµs  p99 %7.1fµs  max %7.1fµs", what, len(sorted), r.closeRate(), n,
 		micros(quantile(sorted, 0.5)), micros(quantile(sorted, 0.99)), micros(quantile(sorted, 1)))
 	return r
 }
