@@ -107,6 +107,24 @@ func (r *results) scaleFit(target string) (rss, cpu fit, ok bool) {
 	return linearFit(xs, rs), linearFit(xs, cs), true
 }
 
+// scaleGoFit fits a Caddy target's Go heap and stacks in use after a forced
+// collection (bytes above the fresh process's) against the number of streams
+// held; its slope is the Go memory per stream, free of the constant offsets a
+// single count's figure carries.
+func (r *results) scaleGoFit(target string) (fit, bool) {
+	var xs, ys []float64
+	for _, s := range r.scale {
+		if s.target == target && s.opened > 0 && s.goOK {
+			xs = append(xs, float64(s.opened))
+			ys = append(ys, s.perStreamGo()*float64(s.opened))
+		}
+	}
+	if len(xs) == 0 {
+		return fit{}, false
+	}
+	return linearFit(xs, ys), true
+}
+
 func ratio(a, b float64) string {
 	if b <= 0 || a < 0 || math.IsNaN(a) || math.IsNaN(b) {
 		return "n/a"
@@ -272,14 +290,19 @@ func writeReport(res *results, m machine, notes, path string) error {
 	w("**Projected, not measured.** One process may hold at most 20,000 open files on this machine and every\n")
 	w("proxied stream costs the gateway two (client and upstream side), so about 9,900 streams is the most a\n")
 	w("single gateway process can hold here; %d streams would need 100,000 descriptors. The lines below extend a\n", projectedStreams)
-	w("least-squares fit of the measured points (RSS above the idle process, and CPU, against streams held).\n\n")
-	w("| target | RSS per stream (slope) | projected RSS above idle at %d | projected CPU %% at %d |\n|---|---:|---:|---:|\n", projectedStreams, projectedStreams)
+	w("least-squares fit of the measured points (RSS above the idle process, Go heap+stack above the idle process\n")
+	w("for the Caddy targets, and CPU, against streams held).\n\n")
+	w("| target | RSS per stream (slope) | Go heap+stack per stream (slope) | projected RSS above idle at %d | projected CPU %% at %d |\n|---|---:|---:|---:|---:|\n", projectedStreams, projectedStreams)
 	for _, t := range cfg.targets {
 		rf, cf, ok := res.scaleFit(t)
 		if !ok {
 			continue
 		}
-		w("| %s | %.2f KiB | %.0f MiB | %.2f |\n", t, kib(rf.slope), rf.at(projectedStreams)/(1<<20), math.Max(cf.at(projectedStreams), 0))
+		goCell := "—"
+		if gf, ok := res.scaleGoFit(t); ok {
+			goCell = fmt.Sprintf("%.2f KiB", kib(gf.slope))
+		}
+		w("| %s | %.2f KiB | %s | %.0f MiB | %.2f |\n", t, kib(rf.slope), goCell, rf.at(projectedStreams)/(1<<20), math.Max(cf.at(projectedStreams), 0))
 	}
 	w("\n![memory per stream](bench-memory.png)\n\n![CPU against streams](bench-cpu.png)\n\n")
 
@@ -455,6 +478,15 @@ func targetRows(res *results) []targetRow {
 		if ok1 && ok2 {
 			extra := sRSS.slope - cRSS.slope
 			add(extra <= 1024, "extra memory ≤ 1 KiB per stream (RSS, slope of a linear fit over all counts)", fmt.Sprintf("%+.2f KiB", kib(extra)))
+		}
+		sGo, ok3 := res.scaleGoFit(targetSSE)
+		cGo, ok4 := res.scaleGoFit(targetCaddy)
+		if ok3 && ok4 {
+			extra := sGo.slope - cGo.slope
+			add(extra <= 1024, "extra memory ≤ 1 KiB per stream (Go heap+stack after a collection, slope of a linear fit over all counts)",
+				fmt.Sprintf("%+.2f KiB (%.2f vs %.2f KiB)", kib(extra), kib(sGo.slope), kib(cGo.slope)))
+		}
+		if ok1 && ok2 {
 			heartbeatCPU := (sCPU.slope - cCPU.slope) * projectedStreams
 			add(heartbeatCPU < 10, fmt.Sprintf("%d streams with %s heartbeats at < 10 %% of one core for the heartbeats (**projected**)", projectedStreams, cfg.heartbeat),
 				fmt.Sprintf("%.2f %%", heartbeatCPU))

@@ -609,6 +609,9 @@ func (b *bench) runScaleOnce(ctx context.Context, name string, n int) (*scaleRes
 		var err error
 		r.goLoad, err = g.goMemory()
 		r.goOK = r.goOK && err == nil
+		if err != nil {
+			b.res.problem("%s: Go memory from the admin API: %v", what, err)
+		}
 	}
 	_, _, hb0 := set.totals()
 	cpu := startCPU(g)
@@ -628,8 +631,12 @@ func (b *bench) runScaleOnce(ctx context.Context, name string, n int) (*scaleRes
 	case name != targetSSE && r.heartbeats != 0:
 		b.res.problem("%s: %d comments arrived, but only the sse target sends heartbeats", what, r.heartbeats)
 	}
-	log.Printf("%-34s rss %6.1f→%6.1f MiB  %6.2f KiB/stream  cpu %5.2f%%  heartbeats %d", what,
-		mib(r.rssBase), mib(r.rssLoad), kib(r.perStreamRSS()), r.cpu, r.heartbeats)
+	goCell := "n/a"
+	if r.goOK {
+		goCell = fmt.Sprintf("%.2f KiB", kib(r.perStreamGo()))
+	}
+	log.Printf("%-34s rss %6.1f→%6.1f MiB  %6.2f KiB/stream  Go heap+stack %s/stream  cpu %5.2f%%  heartbeats %d", what,
+		mib(r.rssBase), mib(r.rssLoad), kib(r.perStreamRSS()), goCell, r.cpu, r.heartbeats)
 	return r, nil
 }
 
