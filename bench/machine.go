@@ -25,6 +25,7 @@ type machine struct {
 	loadAfter    string
 	duration     time.Duration
 	note         string
+	source       source
 }
 
 func describeMachine(l *launcher) machine {

@@ -143,6 +143,10 @@ func run() error {
 
 	machine := describeMachine(l)
 	machine.note = *note
+	// Read before anything is measured, so the report names the code that
+	// was built, not a tree edited during the run.
+	machine.source = describeSource(*root, *caddyBin)
+	log.Print(strings.ReplaceAll(machine.source.describe(), "`", ""))
 	started := time.Now()
 	res := &results{cfg: cfg}
 	b := &bench{cfg: cfg, up: up, dialers: newDialers(), launcher: l, res: res}

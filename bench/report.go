@@ -160,6 +160,7 @@ func writeReport(res *results, m machine, notes, path string) error {
 	w("Measured %s in %s on: %s, %d CPUs, %s memory, Linux %s; %s; Caddy %s; nginx %s.\n",
 		m.date.Format("2006-01-02 15:04 UTC"), m.duration.Round(time.Second), m.cpuModel, m.cpus, m.memTotal, m.kernel, m.goVersion,
 		orUnknown(m.caddyVersion), orUnknown(m.nginxVersion))
+	w("%s\n", m.source.describe())
 	w("Load average (1, 5, 15 min) before the run: %s; after: %s.\n", m.loadBefore, m.loadAfter)
 	if m.note != "" {
 		w("%s\n", m.note)
