@@ -46,6 +46,7 @@ func run() error {
 		scale    = flag.String("scale", "", "stream counts for the scale scenario, comma-separated (default 1000,5000,8000; smoke 50)")
 		note     = flag.String("note", "", "a sentence about the machine's state during the run, for the report (for example that it was shared)")
 		profile  = flag.String("profile", "", "save CPU and heap profiles of the sse target (idle streams at the largest scale count, one fast stream of 64 KiB events) into this directory")
+		rounds   = flag.Int("rounds", 0, "rounds of the latency, throughput, teardown and churn scenarios (default 2; smoke 1)")
 		only     = flag.String("scenarios", "latency,throughput,teardown,churn,scale", "scenarios to run, comma-separated (the report leaves out the others)")
 	)
 	flag.Parse()
@@ -53,6 +54,9 @@ func run() error {
 	cfg := fullConfig()
 	if *smoke {
 		cfg = smokeConfig()
+	}
+	if *rounds > 0 {
+		cfg.rounds = *rounds
 	}
 	cfg.targets = strings.Split(*targets, ",")
 	cfg.scenarios = map[string]bool{}
@@ -146,6 +150,7 @@ func run() error {
 	// Read before anything is measured, so the report names the code that
 	// was built, not a tree edited during the run.
 	machine.source = describeSource(*root, *caddyBin)
+	machine.openFiles, machine.maxStreams = limit, maxStreams
 	log.Print(strings.ReplaceAll(machine.source.describe(), "`", ""))
 	started := time.Now()
 	res := &results{cfg: cfg}
@@ -185,15 +190,17 @@ func run() error {
 		if err := writePlots(res, *out); err != nil {
 			return fmt.Errorf("plots: %w", err)
 		}
-		// The analysis is written by hand from the profiles; a smoke run's
-		// report, which measures nothing, leaves it out.
-		var notes []byte
+		// The notes are written by hand from profiles; a smoke run's report,
+		// which measures nothing, leaves them out.
+		var notes string
 		if !cfg.smoke {
-			if notes, err = os.ReadFile(filepath.Join(*root, "bench", "analysis.md")); err != nil && !errors.Is(err, os.ErrNotExist) {
+			data, err := os.ReadFile(filepath.Join(*root, "bench", "analysis.md"))
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
 				return err
 			}
+			notes = notesSection(string(data), *root, machine.source)
 		}
-		if err := writeReport(res, machine, string(notes), filepath.Join(*out, "benchmarks.md")); err != nil {
+		if err := writeReport(res, machine, notes, filepath.Join(*out, "benchmarks.md")); err != nil {
 			return fmt.Errorf("report: %w", err)
 		}
 		log.Printf("wrote %s", filepath.Join(*out, "benchmarks.md"))
