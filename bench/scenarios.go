@@ -474,6 +474,7 @@ func (b *bench) runChurn(ctx context.Context, g *gateway) *teardownResult {
 		lastErr = set.lastErr
 		opens   sync.WaitGroup
 		closed  []churned
+		early   int
 	)
 	for _, s := range set.streams {
 		alive = append(alive, churned{s, base + s.id})
@@ -500,8 +501,16 @@ func (b *bench) runChurn(ctx context.Context, g *gateway) *teardownResult {
 		alive[i] = alive[len(alive)-1]
 		alive = alive[:len(alive)-1]
 		mu.Unlock()
-		c.s.close()
-		closed = append(closed, c)
+		select {
+		case <-c.s.done:
+			// The gateway ended it first: its upstream end says nothing
+			// about a client's close.
+			early++
+			c.s.close()
+		default:
+			c.s.close()
+			closed = append(closed, c)
+		}
 		id := b.teardownID
 		b.teardownID++
 		opens.Add(1)
@@ -530,7 +539,7 @@ func (b *bench) runChurn(ctx context.Context, g *gateway) *teardownResult {
 	for _, c := range alive {
 		rest.streams = append(rest.streams, c.s)
 	}
-	early := rest.endedEarly()
+	early += rest.endedEarly()
 	rest.closeAll()
 	b.drain(what)
 	ended := b.up.takeEnded()
@@ -631,11 +640,11 @@ func (b *bench) runScaleOnce(ctx context.Context, name string, n int) (*scaleRes
 	case name != targetSSE && r.heartbeats != 0:
 		b.res.problem("%s: %d comments arrived, but only the sse target sends heartbeats", what, r.heartbeats)
 	}
-	goCell := "n/a"
+	goCell := ""
 	if r.goOK {
-		goCell = fmt.Sprintf("%.2f KiB", kib(r.perStreamGo()))
+		goCell = fmt.Sprintf("  Go heap+stack %.2f KiB/stream", kib(r.perStreamGo()))
 	}
-	log.Printf("%-34s rss %6.1f→%6.1f MiB  %6.2f KiB/stream  Go heap+stack %s/stream  cpu %5.2f%%  heartbeats %d", what,
+	log.Printf("%-34s rss %6.1f→%6.1f MiB  %6.2f KiB/stream%s  cpu %5.2f%%  heartbeats %d", what,
 		mib(r.rssBase), mib(r.rssLoad), kib(r.perStreamRSS()), goCell, r.cpu, r.heartbeats)
 	return r, nil
 }
