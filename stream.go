@@ -301,9 +301,7 @@ func (s *stream) WriteHeader(status int) {
 	s.wroteHeader = true
 	if s.head {
 		// Answer the HEAD with the GET's header, and cut the GET.
-		s.mode = headOnly
-		s.stopClockLocked()
-		s.h.streams.remove(s)
+		s.stepAsideLocked(headOnly)
 		s.endLocked(reasonUpstreamEnd, errGatewayClosed)
 		s.ResponseWriter.WriteHeader(status)
 		return
@@ -314,9 +312,7 @@ func (s *stream) WriteHeader(status int) {
 		return
 	}
 	if status != http.StatusOK || !isEventStream(s.Header()) {
-		s.mode = passThrough
-		s.stopClockLocked()
-		s.h.streams.remove(s)
+		s.stepAsideLocked(passThrough)
 		s.ResponseWriter.WriteHeader(status)
 		return
 	}
@@ -327,6 +323,14 @@ func (s *stream) WriteHeader(status int) {
 		return
 	}
 	s.engageLocked(status)
+}
+
+// stepAsideLocked leaves the response to the next handler, or to the
+// HEAD's answer: no timer, and out of the handler's open requests.
+func (s *stream) stepAsideLocked(m mode) {
+	s.mode = m
+	s.stopClockLocked()
+	s.h.streams.remove(s)
 }
 
 // dropEntityHeaders removes the headers that describe the upstream's body
