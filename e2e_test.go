@@ -242,7 +242,24 @@ type clientStream struct {
 	change  chan struct{}
 }
 
-var streamClient = &http.Client{Transport: &http.Transport{DisableCompression: true}}
+// e2eTransport bounds what a client waits for before a response's body:
+// the connection and the response header. Stream bodies are read in the
+// background, and every wait on them is bounded by e2eWait.
+func e2eTransport() *http.Transport {
+	return &http.Transport{
+		DisableCompression:    true,
+		DialContext:           (&net.Dialer{Timeout: e2eWait}).DialContext,
+		TLSHandshakeTimeout:   e2eWait,
+		ResponseHeaderTimeout: e2eWait,
+	}
+}
+
+var (
+	// streamClient opens streams: their bodies do not end by themselves.
+	streamClient = &http.Client{Transport: e2eTransport()}
+	// plainClient is for exchanges that end: each is bounded as a whole.
+	plainClient = &http.Client{Transport: e2eTransport(), Timeout: e2eWait}
+)
 
 func openStream(t *testing.T, path string, header ...string) *clientStream {
 	t.Helper()
@@ -464,7 +481,7 @@ func TestE2E(t *testing.T) {
 	})
 
 	t.Run("stalled client torn down", func(t *testing.T) {
-		conn, err := net.Dial("tcp", strings.TrimPrefix(e2eHost, "http://"))
+		conn, err := net.DialTimeout("tcp", strings.TrimPrefix(e2eHost, "http://"), e2eWait)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -486,7 +503,7 @@ func TestE2E(t *testing.T) {
 		// Over HTTP/1.1 the write deadline stays armed between writes. When
 		// the stream has been quiet past it and the upstream then ends, the
 		// response's last chunk must still go out: a clean end, not a cut.
-		resp, err := streamClient.Get(e2eHost + "/stall?kind=quiet-end") // write_timeout 500ms
+		resp, err := plainClient.Get(e2eHost + "/stall?kind=quiet-end") // write_timeout 500ms
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -498,7 +515,7 @@ func TestE2E(t *testing.T) {
 	})
 
 	t.Run("non-stream responses pass through", func(t *testing.T) {
-		resp, err := streamClient.Get(e2eHost + "/events?kind=json")
+		resp, err := plainClient.Get(e2eHost + "/events?kind=json")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -604,7 +621,7 @@ func TestE2E(t *testing.T) {
 		}
 		// Without Accept, the stream still counts, and is refused at its
 		// header with a status (it did not ask for an event stream).
-		resp, err := streamClient.Do(func() *http.Request {
+		resp, err := plainClient.Do(func() *http.Request {
 			r, _ := http.NewRequest(http.MethodGet, e2eHost+"/limited", nil)
 			r.Header.Set("X-Forwarded-For", "192.0.2.1")
 			return r
