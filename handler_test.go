@@ -229,7 +229,7 @@ func TestIdleTimeoutClosesWithRetryAndCloseEvent(t *testing.T) {
 	clock, logs := provisionTest(t, h)
 	up := newScriptedUpstream()
 	run := startStream(t, h, clock, up)
-	upstreamReq := <-up.request
+	upstreamReq := waitFor(t, up.request, "the upstream's request")
 	mustSend(t, run, "id: 1\ndata: a\n\n")
 	// Heartbeats keep the client busy but are not upstream activity.
 	clock.Advance(25*time.Second - time.Nanosecond)
@@ -257,7 +257,7 @@ func TestIdleTimeoutInsideEventAddsNothing(t *testing.T) {
 	clock, logs := provisionTest(t, h)
 	up := newScriptedUpstream()
 	run := startStream(t, h, clock, up)
-	upstreamReq := <-up.request
+	upstreamReq := waitFor(t, up.request, "the upstream's request")
 	mustSend(t, run, "data: a\n\ndata: unfinished\n")
 	clock.Advance(5*time.Second - time.Nanosecond)
 	if err := upstreamReq.Context().Err(); err != nil {
@@ -297,7 +297,7 @@ func TestMaxLifetimeGivesUpOnEndlessEvent(t *testing.T) {
 	clock, logs := provisionTest(t, h)
 	up := newScriptedUpstream()
 	run := startStream(t, h, clock, up)
-	upstreamReq := <-up.request
+	upstreamReq := waitFor(t, up.request, "the upstream's request")
 	mustSend(t, run, "data: a\n\ndata: b")
 	clock.Advance(65 * time.Second)
 	mustSend(t, run, "bb")
