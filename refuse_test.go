@@ -154,7 +154,7 @@ func TestLimitsCountStreamsThatDidNotAsk(t *testing.T) {
 		})
 		w := httptest.NewRecorder()
 		wantStatus(t, h.ServeHTTP(w, plain(accept), next), http.StatusServiceUnavailable)
-		<-released
+		waitFor(t, released, "the refused stream's upstream to be released")
 		if w.Body.Len() != 0 || w.Header().Get("Content-Type") != "" {
 			t.Fatalf("Accept %q: the refused stream leaked %q, Content-Type %q", accept, w.Body.String(), w.Header().Get("Content-Type"))
 		}
