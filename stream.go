@@ -481,17 +481,19 @@ func (s *stream) forward(p []byte) error {
 		s.rewritten = s.retries.rewrite(s.rewritten[:0], rest)
 		rest = s.rewritten
 	}
+	dispatched := s.state.events
 	closing := s.times.closing != ""
 	if closing {
 		// A close waits for the event in flight to end: forward up to the
 		// boundary, close there and drop the rest.
 		rest = rest[:s.state.scan(rest, true)]
-	}
-	dispatched := s.state.events
-	if !closing {
+	} else {
 		s.state.scan(rest, false)
 	}
 	if !s.writeLocked(prefix, rest) {
+		// Events the client did not get are not counted, here or in the
+		// stream's log line.
+		s.state.events = dispatched
 		return errClientGone
 	}
 	s.upstreamActiveLocked()
@@ -681,6 +683,9 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 	s.mu.Lock()
 	if !s.closed {
 		switch {
+		case s.cutting.Load():
+			// The drain's hard stop cancelled the upstream.
+			s.reason = reasonDrain
 		case s.req.Context().Err() != nil:
 			s.reason = reasonClientGone
 		case upstreamFailed || s.decoder != nil && s.decoder.err != nil:
