@@ -5,10 +5,8 @@ package proof
 import (
 	"bytes"
 	"compress/gzip"
-	"context"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"net/http"
 	"regexp"
@@ -64,7 +62,7 @@ func TestStopDrainsEveryRequest(t *testing.T) {
 	if took > mixBound {
 		t.Errorf("caddy stop: the process exited %s after the stop, want at most drain_window %s + 1s", took, mixDrainWindow)
 	}
-	note(t, rec, "process exited %s after `caddy stop` (drain_window %s, grace_period unlimited)", ms(took), mixDrainWindow)
+	figure(t, rec, "process exited %s after `caddy stop` (drain_window %s, grace_period unlimited)", ms(took), mixDrainWindow)
 	mix.check(t, rec, trigger, 1)
 }
 
@@ -96,7 +94,7 @@ func TestReloadDrainsEveryRequest(t *testing.T) {
 	fresh.waitContains(t, "data: new config\n\n", 0, slack)
 
 	mix.check(t, rec, trigger, 1)
-	note(t, rec, "POST /load answered in %s", ms(answered.Sub(trigger)))
+	figure(t, rec, "POST /load answered in %s", ms(answered.Sub(trigger)))
 
 	// The new stream lives on past the old configuration's drain window
 	// and hard stop.
@@ -108,7 +106,7 @@ func TestReloadDrainsEveryRequest(t *testing.T) {
 	if body, ended := fresh.snapshot(); ended || bytes.Contains(body, []byte("retry:")) {
 		t.Errorf("the new configuration's stream was touched by the old one's drain: %q (ended: %v)", body, ended)
 	}
-	note(t, rec, "a stream opened after the reload is served by the new configuration and still receives events after the old one's drain")
+	figure(t, rec, "a stream opened after the reload is served by the new configuration and still receives events after the old one's drain")
 	hungUp := fresh.hangUp()
 	if d := freshReq.waitEnded(t, teardownBound+slack).Sub(hungUp); d > teardownBound {
 		t.Errorf("the new stream's upstream saw its end %s after the client hung up", d)
@@ -310,34 +308,9 @@ func (m *drainMix) check(t *testing.T, rec *caseRecorder, trigger time.Time, gen
 			t.Errorf("the handler logged the refusal of %s (%s) as %q, want drain", w.key, w.name, got)
 		}
 	}
-	note(t, rec, "every upstream request ended by %s after the drain began (3 live, 1 mid-event, 1 gzip, 3 header waits, 1 stalled client)", ms(worst))
-	note(t, rec, "close sequences reached the live streams %s–%s after it; refusals %s–%s",
+	figure(t, rec, "every upstream request ended by %s after the drain began (3 live, 1 mid-event, 1 gzip, 3 header waits, 1 stalled client)", ms(worst))
+	figure(t, rec, "close sequences reached the live streams %s–%s after it; refusals %s–%s",
 		ms(slicesMin(closedAt)), ms(slicesMax(closedAt)), ms(slicesMin(refusedAt)), ms(slicesMax(refusedAt)))
-}
-
-// checkStreamRefusal checks a refusal a browser survives: 200
-// text/event-stream whose body matches re, its retry hint between 1× and
-// 2× base, and Retry-After saying the same in whole seconds.
-func checkStreamRefusal(t *testing.T, what string, r *fullResponse, re *regexp.Regexp, base time.Duration) time.Duration {
-	t.Helper()
-	if r.status != http.StatusOK || r.header.Get("Content-Type") != "text/event-stream" {
-		t.Errorf("%s: %d %q, want 200 text/event-stream", what, r.status, r.header.Get("Content-Type"))
-		return 0
-	}
-	match := re.FindSubmatch(r.body)
-	if match == nil {
-		t.Errorf("%s: body %q, want it to match %s", what, r.body, re)
-		return 0
-	}
-	retryMS, _ := strconv.Atoi(string(match[1]))
-	retry := time.Duration(retryMS) * time.Millisecond
-	if retry < base || retry > 2*base {
-		t.Errorf("%s: retry %s, want between %s and %s", what, retry, base, 2*base)
-	}
-	if got, want := r.header.Get("Retry-After"), strconv.Itoa(int(math.Ceil(retry.Seconds()))); got != want {
-		t.Errorf("%s: Retry-After %q, want %q (the retry hint rounded up)", what, got, want)
-	}
-	return retry
 }
 
 func reasonFor(byURI map[string]string, key string) string {
@@ -347,73 +320,6 @@ func reasonFor(byURI map[string]string, key string) string {
 		}
 	}
 	return "(nothing logged)"
-}
-
-func slicesMin(ds []time.Duration) time.Duration {
-	m := ds[0]
-	for _, d := range ds {
-		m = min(m, d)
-	}
-	return m
-}
-
-func slicesMax(ds []time.Duration) time.Duration {
-	m := ds[0]
-	for _, d := range ds {
-		m = max(m, d)
-	}
-	return m
-}
-
-// fullResponse is a request whose whole response is read in the
-// background, for requests whose header may come late or never.
-type fullResponse struct {
-	done   chan struct{}
-	status int
-	header http.Header
-	body   []byte
-	err    error
-	at     time.Time // when the body ended, or the request failed
-}
-
-// fetchAll sends a GET and reads the whole response, giving up after within.
-func fetchAll(client *http.Client, url string, header http.Header, within time.Duration) *fullResponse {
-	r := &fullResponse{done: make(chan struct{})}
-	go func() {
-		defer close(r.done)
-		ctx, cancel := context.WithTimeout(context.Background(), within)
-		defer cancel()
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		if err != nil {
-			r.err = err
-			return
-		}
-		for k, v := range header {
-			req.Header[k] = v
-		}
-		resp, err := client.Do(req)
-		if err != nil {
-			r.err, r.at = err, time.Now()
-			return
-		}
-		defer resp.Body.Close()
-		r.status, r.header = resp.StatusCode, resp.Header
-		r.body, r.err = io.ReadAll(resp.Body)
-		r.at = time.Now()
-	}()
-	return r
-}
-
-// wait waits for the response to be read.
-func (r *fullResponse) wait(t *testing.T, within time.Duration) *fullResponse {
-	t.Helper()
-	select {
-	case <-r.done:
-		return r
-	case <-time.After(within):
-		t.Fatalf("no whole response within %s", within)
-		return nil
-	}
 }
 
 // openStalledClient sends a stream request for path from a raw TCP
@@ -441,11 +347,6 @@ func openStalledClient(t *testing.T, up *upstream, port int, path string) *upstr
 		t.Fatal(err)
 	}
 	return up.request(t, key, 1, 5*time.Second)
-}
-
-// hangBehavior never answers: no header, no body, until the request ends.
-func hangBehavior(w http.ResponseWriter, r *http.Request, req *upstreamRequest) {
-	<-r.Context().Done()
 }
 
 // bufferingBehavior is an upstream that writes an event every 50 ms but
@@ -494,12 +395,4 @@ func gzipPushBehavior(w http.ResponseWriter, r *http.Request, req *upstreamReque
 			return
 		}
 	}
-}
-
-// note records a figure of the case and logs it, so that a verbose run
-// shows what the report will say.
-func note(t *testing.T, rec *caseRecorder, format string, args ...any) {
-	t.Helper()
-	t.Logf(format, args...)
-	rec.figure(format, args...)
 }
