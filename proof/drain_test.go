@@ -122,6 +122,9 @@ func TestReloadDrainsEveryRequest(t *testing.T) {
 //     adding nothing;
 //   - a live stream the upstream compresses with gzip: decoded, it gets
 //     the close sequence like the others;
+//   - a live stream in an encoding the gateway cannot read (br): passed
+//     through opaque, it must still be ended by the drain, at any byte and
+//     with nothing added;
 //   - header waits on an upstream that never answers (one request asking
 //     for a stream, one not) and on one that buffers its answer (its
 //     header would come only when 2 KiB of events fill its buffer, some
@@ -137,6 +140,7 @@ type drainMix struct {
 	live   []mixStream
 	mid    mixStream
 	gz     mixStream
+	br     mixStream
 	waits  []*headerWait
 	flood  *upstreamRequest
 }
@@ -162,6 +166,7 @@ func startDrainMix(t *testing.T, up *upstream, p *caddyProcess) *drainMix {
 	t.Helper()
 	up.handle("flood", floodBehavior)
 	up.handle("gzpush", gzipPushBehavior)
+	up.handle("brpush", opaquePushBehavior)
 	up.handle("hang", hangBehavior)
 	up.handle("buffer", bufferingBehavior)
 	m := &drainMix{p: p, client: newHTTPClient(t, &http.Transport{})}
@@ -190,6 +195,12 @@ func startDrainMix(t *testing.T, up *upstream, p *caddyProcess) *drainMix {
 	m.gz.req = up.request(t, key, 1, 5*time.Second)
 	m.gz.req.send(t, "id: 1\ndata: zipped\n\n")
 	m.gz.s.waitContains(t, "data: zipped\n\n", 0, slack)
+
+	key = up.key("br")
+	m.br = mixStream{key: key, s: openStream(t, m.client, p.httpURL+"/p/mix/brpush?k="+key, accept)}
+	m.br.req = up.request(t, key, 1, 5*time.Second)
+	m.br.req.send(t, opaqueBytes)
+	m.br.s.waitContains(t, opaqueBytes, 0, slack)
 
 	for _, w := range []*headerWait{
 		{name: "hung upstream, stream request", behavior: "hang", stream: true},
@@ -267,6 +278,16 @@ func (m *drainMix) check(t *testing.T, rec *caseRecorder, trigger time.Time, gen
 		t.Errorf("the stream stopped mid-event gave the client the events %+v, want only the whole one", got)
 	}
 
+	// Opaque: passed through as it came, ended with nothing added.
+	upstreamEnded("opaque (br) stream", m.br.req)
+	m.br.s.waitEnd(t, slack)
+	if ce := m.br.s.resp.Header.Get("Content-Encoding"); ce != "br" {
+		t.Errorf("the br stream reached the client with Content-Encoding %q, want br passed through", ce)
+	}
+	if body, _ := m.br.s.snapshot(); string(body) != opaqueBytes {
+		t.Errorf("the br stream gave the client %q, want exactly the upstream's bytes %q", body, opaqueBytes)
+	}
+
 	refusal := regexp.MustCompile(fmt.Sprintf(`^retry: (\d+)\nevent: %s\ndata: drain\n\n$`, mixCloseEvent(generation)))
 	var refusedAt []time.Duration
 	for _, w := range m.waits {
@@ -291,14 +312,14 @@ func (m *drainMix) check(t *testing.T, rec *caseRecorder, trigger time.Time, gen
 	// The handler's own account: every stream ended by the drain, every
 	// header wait refused by it.
 	ended := map[string]string{}
-	for _, l := range m.p.waitLogged(t, "stream ended", 6, slack) {
+	for _, l := range m.p.waitLogged(t, "stream ended", 7, slack) {
 		ended[l.URI] = l.Reason
 	}
 	refused := map[string]string{}
 	for _, l := range m.p.waitLogged(t, "stream refused", len(m.waits), slack) {
 		refused[l.URI] = l.Reason
 	}
-	for _, l := range append(append([]mixStream(nil), m.live...), m.gz, m.mid, mixStream{key: m.flood.Key}) {
+	for _, l := range append(append([]mixStream(nil), m.live...), m.gz, m.br, m.mid, mixStream{key: m.flood.Key}) {
 		if got := reasonFor(ended, l.key); got != "drain" {
 			t.Errorf("the handler logged the end of %s as %q, want drain", l.key, got)
 		}
@@ -308,7 +329,7 @@ func (m *drainMix) check(t *testing.T, rec *caseRecorder, trigger time.Time, gen
 			t.Errorf("the handler logged the refusal of %s (%s) as %q, want drain", w.key, w.name, got)
 		}
 	}
-	figure(t, rec, "every upstream request ended by %s after the drain began (3 live, 1 mid-event, 1 gzip, 3 header waits, 1 stalled client)", ms(worst))
+	figure(t, rec, "every upstream request ended by %s after the drain began (3 live, 1 mid-event, 1 gzip, 1 br, 3 header waits, 1 stalled client)", ms(worst))
 	figure(t, rec, "close sequences reached the live streams %s–%s after it; refusals %s–%s",
 		ms(slicesMin(closedAt)), ms(slicesMax(closedAt)), ms(slicesMin(refusedAt)), ms(slicesMax(refusedAt)))
 }
@@ -395,4 +416,15 @@ func gzipPushBehavior(w http.ResponseWriter, r *http.Request, req *upstreamReque
 			return
 		}
 	}
+}
+
+// opaqueBytes stand for a body in an encoding the gateway cannot read; it
+// never looks inside.
+const opaqueBytes = "\x8b\x07\x80opaque"
+
+// opaquePushBehavior answers with an event stream labelled
+// Content-Encoding: br and writes what the test pushes as it is.
+func opaquePushBehavior(w http.ResponseWriter, r *http.Request, req *upstreamRequest) {
+	w.Header().Set("Content-Encoding", "br")
+	pushBehavior(w, r, req)
 }
