@@ -79,6 +79,7 @@ func TestReloadDrainsEveryRequest(t *testing.T) {
 	p := startCaddyProcess(t, buildCaddy(t), up, mixProfiles(1))
 	mix := startDrainMix(t, up, p)
 
+	before := p.metrics(t)
 	trigger, answered := p.load(t, mixProfiles(2))
 	if d := answered.Sub(trigger); d > mixBound {
 		t.Errorf("POST /load took %s, want at most drain_window %s + 1s", d, mixDrainWindow)
@@ -95,6 +96,17 @@ func TestReloadDrainsEveryRequest(t *testing.T) {
 
 	mix.check(t, rec, trigger, 1)
 	figure(t, rec, "POST /load answered in %s", ms(answered.Sub(trigger)))
+	// The metrics agree: 7 streams ended and 3 header waits refused, by
+	// the drain.
+	after := p.metrics(t)
+	for sample, want := range map[string]float64{
+		`caddy_sse_streams_ended_total{reason="drain"}`:   7,
+		`caddy_sse_streams_refused_total{reason="drain"}`: float64(len(mix.waits)),
+	} {
+		if got := after[sample] - before[sample]; got != want {
+			t.Errorf("%s grew by %v over the reload, want %v", sample, got, want)
+		}
+	}
 
 	// The new stream lives on past the old configuration's drain window
 	// and hard stop.
