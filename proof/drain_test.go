@@ -16,8 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/ssegateway/caddy-sse/internal/ssespec"
 )
 
@@ -324,11 +322,11 @@ func (m *drainMix) check(t *testing.T, rec *caseRecorder, trigger time.Time, gen
 	// The handler's own account: every stream ended by the drain, every
 	// header wait refused by it.
 	ended := map[string]string{}
-	for _, l := range m.p.waitLogged(t, "stream ended", 7, slack) {
+	for _, l := range m.p.waitLogged(t, streamEndMessages, 7, slack) {
 		ended[l.URI] = l.Reason
 	}
 	refused := map[string]string{}
-	for _, l := range m.p.waitLogged(t, "stream refused", len(m.waits), slack) {
+	for _, l := range m.p.waitLogged(t, msgStreamRefused, len(m.waits), slack) {
 		refused[l.URI] = l.Reason
 	}
 	for _, l := range append(append([]mixStream(nil), m.live...), m.gz, m.br, m.mid, mixStream{key: m.flood.Key}) {
@@ -363,9 +361,7 @@ func openStalledClient(t *testing.T, up *upstream, port int, path string) *upstr
 	t.Helper()
 	dialer := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
 		var err error
-		if cerr := c.Control(func(fd uintptr) {
-			err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096)
-		}); cerr != nil {
+		if cerr := c.Control(func(fd uintptr) { err = setReceiveBuffer(fd, 4096) }); cerr != nil {
 			return cerr
 		}
 		return err

@@ -31,7 +31,8 @@ const metricsLifetime = time.Second
 // TestMetricsCountEveryEvent runs streams through a Caddy process that end
 // in every way a stream ends, one after another, and compares after each
 // the change of caddy_sse_events_total (the admin API's /metrics) with the
-// `events` of the stream's "stream ended" debug line, and that with the
+// `events` of the stream's end line in the handler's log ("stream ended",
+// or the warning "upstream broke the stream"), and that with the
 // events the client parsed; at the end, the total change with the sum of
 // the lines, and caddy_sse_streams_ended_total by reason with the lines'
 // reasons.
@@ -57,7 +58,7 @@ func TestMetricsCountEveryEvent(t *testing.T) {
 	step := func(name string, wantReason string, run func() map[string]int) {
 		t.Helper()
 		parsed := run()
-		lines := p.waitLogged(t, "stream ended", logged+len(parsed), 5*time.Second)[logged:]
+		lines := p.waitLogged(t, streamEndMessages, logged+len(parsed), 5*time.Second)[logged:]
 		logged += len(lines)
 		var stepLogged int64
 		for _, l := range lines {
@@ -198,7 +199,7 @@ func TestMetricsCountEveryEvent(t *testing.T) {
 	}
 	byReason := map[string]int{}
 	for _, l := range p.sseLog(t) {
-		if l.Msg == "stream ended" {
+		if l.Msg == msgStreamEnded || l.Msg == msgUpstreamBroke {
 			byReason[l.Reason]++
 		}
 	}

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -60,13 +61,15 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// buildCaddy builds ./cmd/caddy into the test's directory.
+// buildCaddy builds the repository's cmd/caddy into the test's directory.
 func buildCaddy(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "caddy")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "github.com/ssegateway/caddy-sse/cmd/caddy")
+	// cmd/caddy belongs to the module in the parent directory, not to this one.
+	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/caddy")
+	build.Dir = ".."
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("building caddy: %v\n%s", err, out)
 	}
@@ -253,15 +256,24 @@ func (p *caddyProcess) sseLog(t *testing.T) []sseLine {
 	return lines
 }
 
-// waitLogged waits until the handler has logged at least n lines with msg
-// and returns those lines.
-func (p *caddyProcess) waitLogged(t *testing.T, msg string, n int, within time.Duration) []sseLine {
+// Messages of the handler's log lines: a stream's end (a warning when the
+// upstream broke it), and a refusal.
+const (
+	msgStreamEnded    = "stream ended"
+	msgUpstreamBroke  = "upstream broke the stream"
+	msgStreamRefused  = "stream refused"
+	streamEndMessages = msgStreamEnded + "|" + msgUpstreamBroke
+)
+
+// waitLogged waits until the handler has logged at least n lines with one
+// of the messages in msgs (separated by |) and returns those lines.
+func (p *caddyProcess) waitLogged(t *testing.T, msgs string, n int, within time.Duration) []sseLine {
 	t.Helper()
 	var found []sseLine
-	waitUntil(t, fmt.Sprintf("%d %q lines in the sse log", n, msg), within, func() bool {
+	waitUntil(t, fmt.Sprintf("%d %q lines in the sse log", n, msgs), within, func() bool {
 		found = found[:0]
 		for _, l := range p.sseLog(t) {
-			if l.Msg == msg {
+			if slices.Contains(strings.Split(msgs, "|"), l.Msg) {
 				found = append(found, l)
 			}
 		}
