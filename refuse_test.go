@@ -280,7 +280,7 @@ func TestDrainCutsStalledClients(t *testing.T) {
 	// waits for it in its own goroutine, as it does in production.
 	const window = 200 * time.Millisecond
 	h := &Handler{DrainWindow: caddy.Duration(window), WriteTimeout: seconds(3600), Heartbeat: -1, clock: realClock{}}
-	provisionReal(t, h)
+	provision(t, h)
 	client := &stallingWriter{header: http.Header{}, deadline: make(chan struct{}), blocked: make(chan struct{})}
 	up := newScriptedUpstream()
 	done := make(chan any, 1)
