@@ -153,8 +153,11 @@ type stream struct {
 	eventWrites int
 	ctlIDs      int64 // ids with control characters seen when last reported
 
-	// cutting is set when the drain's hard stop cuts the stream.
-	cutting atomic.Bool
+	// cutting is set when the drain's hard stop cuts the stream; cutReason,
+	// set first, says why when it is not the drain (a shared stream's slow
+	// client).
+	cutting   atomic.Bool
+	cutReason atomic.Pointer[endReason]
 	// clientGoneAt is when the client was found gone (Unix ns), so the
 	// teardown that follows can be timed.
 	clientGoneAt atomic.Int64
@@ -568,6 +571,9 @@ func (s *stream) failLocked(err error) {
 	switch {
 	case s.cutting.Load():
 		reason = reasonDrain
+		if r := s.cutReason.Load(); r != nil {
+			reason = *r
+		}
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		reason = reasonWriteTimeout
 	}
@@ -647,6 +653,17 @@ var errCut = errors.New("sse: stream cut at the end of the drain window")
 // still open after the drain window.
 func (s *stream) cut() {
 	s.cutting.Store(true)
+	s.cutNow()
+}
+
+// cutFor cuts the stream for another reason than the drain.
+func (s *stream) cutFor(reason endReason) {
+	s.cutReason.CompareAndSwap(nil, &reason)
+	s.cutting.Store(true)
+	s.cutNow()
+}
+
+func (s *stream) cutNow() {
 	s.cancelUpstream(errGatewayClosed)
 	if d, ok := s.base.(interface{ SetWriteDeadline(time.Time) error }); ok {
 		_ = d.SetWriteDeadline(time.Unix(1, 0))

@@ -1,0 +1,525 @@
+package caddysse
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// hubUpstream stands in for reverse_proxy in front of a legacy server, for
+// shared streams: each request it gets is handed to the test, which writes
+// to it, ends it or breaks it.
+type hubUpstream struct {
+	status      int
+	contentType string
+	body        string // for a response that is not a stream
+	reqs        chan *hubReq
+}
+
+type hubReq struct {
+	r      *http.Request
+	chunks chan []byte
+	acks   chan error
+	end    chan bool // true: break (abort), false: clean end
+	gone   chan struct{}
+}
+
+func newHubUpstream() *hubUpstream {
+	return &hubUpstream{status: http.StatusOK, contentType: "text/event-stream", reqs: make(chan *hubReq, 32)}
+}
+
+func (u *hubUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
+	hr := &hubReq{r: r, chunks: make(chan []byte), acks: make(chan error), end: make(chan bool, 1), gone: make(chan struct{})}
+	defer close(hr.gone)
+	w.Header().Set("Content-Type", u.contentType)
+	w.WriteHeader(u.status)
+	u.reqs <- hr
+	if u.body != "" {
+		_, err := w.Write([]byte(u.body))
+		return err
+	}
+	for {
+		select {
+		case p := <-hr.chunks:
+			_, err := w.Write(p)
+			if err == nil {
+				err = http.NewResponseController(w).Flush()
+			}
+			hr.acks <- err
+			if err != nil {
+				panic(http.ErrAbortHandler)
+			}
+		case abort := <-hr.end:
+			if abort {
+				panic(http.ErrAbortHandler)
+			}
+			return nil
+		case <-r.Context().Done():
+			panic(http.ErrAbortHandler)
+		}
+	}
+}
+
+// next waits for the upstream's next request.
+func (u *hubUpstream) next(t *testing.T) *hubReq {
+	t.Helper()
+	select {
+	case hr := <-u.reqs:
+		return hr
+	case <-time.After(testWait):
+		t.Fatal("upstream got no request")
+	}
+	return nil
+}
+
+// none checks that the upstream got no further request.
+func (u *hubUpstream) none(t *testing.T) {
+	t.Helper()
+	select {
+	case hr := <-u.reqs:
+		t.Fatalf("upstream got an unexpected request %s", hr.r.URL)
+	default:
+	}
+}
+
+func (hr *hubReq) send(t *testing.T, s string) {
+	t.Helper()
+	select {
+	case hr.chunks <- []byte(s):
+	case <-time.After(testWait):
+		t.Fatal("upstream write not taken")
+	}
+	select {
+	case err := <-hr.acks:
+		if err != nil {
+			t.Fatalf("upstream write: %v", err)
+		}
+	case <-time.After(testWait):
+		t.Fatal("upstream write did not return")
+	}
+}
+
+func (hr *hubReq) waitGone(t *testing.T) {
+	t.Helper()
+	select {
+	case <-hr.gone:
+	case <-time.After(testWait):
+		t.Fatal("upstream request was not released")
+	}
+}
+
+// client is one request through the handler.
+type client struct {
+	w      *memWriter
+	cancel context.CancelFunc
+	done   chan struct{}
+	err    error
+}
+
+func startClient(t *testing.T, h *Handler, next *hubUpstream, path string, header ...string) *client {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	c := &client{w: newMemWriter(), cancel: cancel, done: make(chan struct{})}
+	req := httptest.NewRequest(http.MethodGet, path, nil).WithContext(ctx)
+	req.Header.Set("Accept", "text/event-stream")
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	go func() {
+		defer close(c.done)
+		c.err = h.ServeHTTP(c.w, req, next)
+	}()
+	return c
+}
+
+// waitBody waits until the client has received want (a substring).
+func (c *client) waitBody(t *testing.T, want string) string {
+	t.Helper()
+	deadline := time.Now().Add(testWait)
+	for {
+		got := c.w.received()
+		if strings.Contains(got, want) {
+			return got
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("client did not receive %q; got %q", want, got)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// waitDone waits for the request to end and returns the whole body,
+// flushed or not.
+func (c *client) waitDone(t *testing.T) string {
+	t.Helper()
+	select {
+	case <-c.done:
+	case <-time.After(testWait):
+		t.Fatalf("request did not end; got %q", c.w.received())
+	}
+	c.w.mu.Lock()
+	defer c.w.mu.Unlock()
+	return c.w.body.String()
+}
+
+// waitSubscribers waits until the handler's hubs have n clients in all.
+func waitSubscribers(t *testing.T, h *Handler, n int) {
+	t.Helper()
+	deadline := time.Now().Add(testWait)
+	for {
+		got := 0
+		h.hubs.mu.Lock()
+		for _, hb := range h.hubs.hubs {
+			hb.mu.Lock()
+			got += len(hb.subs)
+			hb.mu.Unlock()
+		}
+		h.hubs.mu.Unlock()
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d subscribers, want %d", got, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func shareHandler(t *testing.T, conf *ShareConfig) (*Handler, *fakeClock) {
+	t.Helper()
+	h := &Handler{Heartbeat: seconds(15), Retry: seconds(3), CloseEvent: "bye", Share: conf}
+	clock, _ := provisionTest(t, h)
+	return h, clock
+}
+
+func TestShareOneUpstreamWholeEvents(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, _ := shareHandler(t, &ShareConfig{})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/feed?x=1")
+	hr := up.next(t)
+	hr.send(t, "id: 1\ndata: one\n\n")
+	a.waitBody(t, "data: one\n\n")
+
+	b := startClient(t, h, up, "/feed?x=1")
+	waitSubscribers(t, h, 2)
+	// b joins while an event is in flight: it starts at the next one.
+	hr.send(t, "id: 2\ndata: tw")
+	c := startClient(t, h, up, "/feed?x=1")
+	waitSubscribers(t, h, 3)
+	hr.send(t, "o\n\nid: 3\ndata: three\n\n")
+	for _, cl := range []*client{a, b} {
+		cl.waitBody(t, "data: three\n\n")
+	}
+	c.waitBody(t, "data: three\n\n")
+	if got := a.w.received(); got != "id: 1\ndata: one\n\nid: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
+		t.Errorf("first client got %q", got)
+	}
+	if got := b.w.received(); got != "id: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
+		t.Errorf("second client got %q", got)
+	}
+	if got := c.w.received(); got != "id: 3\ndata: three\n\n" {
+		t.Errorf("client joining inside an event got %q", got)
+	}
+	if ct := c.w.header.Get("Content-Type"); ct != "text/event-stream" {
+		t.Errorf("Content-Type %q", ct)
+	}
+	up.none(t)
+	// Another path is another stream.
+	d := startClient(t, h, up, "/feed?x=2")
+	up.next(t).send(t, "data: other\n\n")
+	d.waitBody(t, "data: other\n\n")
+	for _, cl := range []*client{a, b, c, d} {
+		cl.cancel()
+		cl.waitDone(t)
+	}
+	hr.waitGone(t)
+}
+
+func TestShareKeysNeverMixUsers(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, _ := shareHandler(t, &ShareConfig{})
+	up := newHubUpstream()
+	alice := startClient(t, h, up, "/me", "Authorization", "Bearer alice")
+	ra := up.next(t)
+	bob := startClient(t, h, up, "/me", "Authorization", "Bearer bob")
+	rb := up.next(t)
+	cookie := startClient(t, h, up, "/me", "Cookie", "session=carol")
+	rc := up.next(t)
+	// The same user, resuming, shares alice's stream: Last-Event-ID is not
+	// part of the key.
+	alice2 := startClient(t, h, up, "/me", "Authorization", "Bearer alice", "Last-Event-ID", "nope")
+	waitSubscribers(t, h, 4)
+	up.none(t)
+	if got := ra.r.Header.Get("Authorization"); got != "Bearer alice" {
+		t.Errorf("alice's upstream request has Authorization %q", got)
+	}
+	ra.send(t, "data: for alice\n\n")
+	rb.send(t, "data: for bob\n\n")
+	rc.send(t, "data: for carol\n\n")
+	alice.waitBody(t, "for alice")
+	alice2.waitBody(t, "for alice")
+	bob.waitBody(t, "for bob")
+	cookie.waitBody(t, "for carol")
+	for _, cl := range []*client{alice, alice2, bob, cookie} {
+		cl.cancel()
+		body := cl.waitDone(t)
+		if strings.Count(body, "data: ") != 1 {
+			t.Errorf("a client got another user's events: %q", body)
+		}
+	}
+}
+
+func TestShareReplay(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	replay := 2
+	h, _ := shareHandler(t, &ShareConfig{Replay: &replay})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/r")
+	hr := up.next(t)
+	for _, id := range []string{"1", "2", "3", "4"} {
+		hr.send(t, "id: "+id+"\ndata: e"+id+"\n\n")
+	}
+	a.waitBody(t, "data: e4")
+
+	// 3 is among the last two events: 4 is replayed, then live.
+	b := startClient(t, h, up, "/r", "Last-Event-ID", "3")
+	waitSubscribers(t, h, 2)
+	b.waitBody(t, "data: e4\n\n")
+	hr.send(t, "id: 5\ndata: e5\n\n")
+	b.waitBody(t, "data: e5\n\n")
+	if got := b.w.received(); got != "id: 4\ndata: e4\n\nid: 5\ndata: e5\n\n" {
+		t.Errorf("replay got %q", got)
+	}
+	if got := b.w.header.Get(replayHeader); got != "" {
+		t.Errorf("%s: %q on a hit", replayHeader, got)
+	}
+	// 2 is no longer kept: live from now on, and said so.
+	c := startClient(t, h, up, "/r", "Last-Event-ID", "2")
+	waitSubscribers(t, h, 3)
+	hr.send(t, "id: 6\ndata: e6\n\n")
+	if got := c.waitBody(t, "e6"); got != "id: 6\ndata: e6\n\n" {
+		t.Errorf("miss got %q", got)
+	}
+	if got := c.w.header.Get(replayHeader); got != "miss" {
+		t.Errorf("%s: %q, want miss", replayHeader, got)
+	}
+	for _, cl := range []*client{a, b, c} {
+		cl.cancel()
+		cl.waitDone(t)
+	}
+}
+
+// advanceUntilRequest moves the fake clock until the upstream gets a
+// request (the hub's backoff runs on the clock).
+func advanceUntilRequest(t *testing.T, clock *fakeClock, up *hubUpstream) *hubReq {
+	t.Helper()
+	deadline := time.After(testWait)
+	for {
+		select {
+		case hr := <-up.reqs:
+			return hr
+		case <-deadline:
+			t.Fatal("hub did not ask the upstream again")
+		case <-time.After(2 * time.Millisecond):
+			clock.Advance(100 * time.Millisecond)
+		}
+	}
+}
+
+func TestShareReconnectsWithoutGapOrDuplicate(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, clock := shareHandler(t, &ShareConfig{})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/s")
+	b := startClient(t, h, up, "/s")
+	hr := up.next(t)
+	waitSubscribers(t, h, 2)
+	hr.send(t, "id: 1\ndata: one\n\n")
+	// Broken inside an event: the half event never reaches anyone.
+	hr.send(t, "id: 2\ndata: half")
+	hr.end <- true
+	hr = advanceUntilRequest(t, clock, up)
+	if got := hr.r.Header.Get("Last-Event-ID"); got != "1" {
+		t.Errorf("reconnect Last-Event-ID %q, want 1", got)
+	}
+	// The upstream resends what it had after... and before: 1 is dropped.
+	hr.send(t, "id: 1\ndata: one\n\nid: 2\ndata: two\n\n")
+	// A clean end between events is asked again too.
+	hr.end <- false
+	hr = advanceUntilRequest(t, clock, up)
+	if got := hr.r.Header.Get("Last-Event-ID"); got != "2" {
+		t.Errorf("reconnect Last-Event-ID %q, want 2", got)
+	}
+	hr.send(t, "id: 3\ndata: three\n\n")
+	want := "id: 1\ndata: one\n\nid: 2\ndata: two\n\nid: 3\ndata: three\n\n"
+	for _, cl := range []*client{a, b} {
+		if got := cl.waitBody(t, "three\n\n"); got != want {
+			t.Errorf("client got %q, want %q", got, want)
+		}
+		cl.cancel()
+		cl.waitDone(t)
+	}
+}
+
+func TestShareUpstreamGivesUp(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, clock := shareHandler(t, &ShareConfig{})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/g")
+	hr := up.next(t)
+	hr.send(t, "data: x\n\n")
+	a.waitBody(t, "data: x\n\n")
+	for i := 0; i <= reconnectTries; i++ {
+		hr.end <- true
+		if i < reconnectTries {
+			hr = advanceUntilRequest(t, clock, up)
+		}
+	}
+	got := a.waitDone(t)
+	if !strings.HasSuffix(got, "retry: 3000\nevent: bye\ndata: upstream_error\n\n") {
+		t.Errorf("client got %q, want the close sequence with upstream_error", got)
+	}
+}
+
+func TestShareAssignIDs(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, _ := shareHandler(t, &ShareConfig{AssignIDs: true})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/ids")
+	hr := up.next(t)
+	hr.send(t, "data: one\n\nid: own\ndata: two\n\ndata: three\n\n")
+	got := a.waitBody(t, "three\n\n")
+	hub := h.hubs.hubs[h.hubs.key(httptest.NewRequest(http.MethodGet, "/ids", nil))]
+	if hub == nil {
+		t.Fatal("no hub")
+	}
+	p := hub.idPrefix
+	if want := "id: " + p + "0\ndata: one\n\nid: own\ndata: two\n\nid: " + p + "2\ndata: three\n\n"; got != want {
+		t.Fatalf("got %q, want %q", got, want)
+	}
+	// Resume from a gateway id.
+	b := startClient(t, h, up, "/ids", "Last-Event-ID", p+"0")
+	if got := b.waitBody(t, "three\n\n"); got != "id: own\ndata: two\n\nid: "+p+"2\ndata: three\n\n" {
+		t.Errorf("resume got %q", got)
+	}
+	for _, cl := range []*client{a, b} {
+		cl.cancel()
+		cl.waitDone(t)
+	}
+}
+
+func TestShareNotAStreamPassesThrough(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, _ := shareHandler(t, &ShareConfig{})
+	up := newHubUpstream()
+	up.contentType, up.body = "application/json", `{"ok":true}`
+	a := startClient(t, h, up, "/j")
+	up.next(t)
+	if got := a.waitDone(t); got != `{"ok":true}` {
+		t.Errorf("got %q", got)
+	}
+	if ct := a.w.header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type %q", ct)
+	}
+	// The next request tries afresh.
+	up.contentType, up.body = "text/event-stream", ""
+	b := startClient(t, h, up, "/j")
+	up.next(t).send(t, "data: now\n\n")
+	b.waitBody(t, "data: now\n\n")
+	b.cancel()
+	b.waitDone(t)
+
+	// A status in retry_statuses is refused as a stream, as without share.
+	up.status = http.StatusBadGateway
+	c := startClient(t, h, up, "/j")
+	up.next(t)
+	if got := c.waitDone(t); !strings.Contains(got, "data: upstream_status_502") {
+		t.Errorf("got %q", got)
+	}
+}
+
+func TestShareLingerThenRelease(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, clock := shareHandler(t, &ShareConfig{Linger: seconds(5)})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/l")
+	hr := up.next(t)
+	hr.send(t, "id: 1\ndata: one\n\n")
+	a.waitBody(t, "one")
+	a.cancel()
+	a.waitDone(t)
+	clock.Advance(4 * time.Second)
+	// Back within linger: the same upstream.
+	b := startClient(t, h, up, "/l", "Last-Event-ID", "1")
+	waitSubscribers(t, h, 1)
+	hr.send(t, "id: 2\ndata: two\n\n")
+	b.waitBody(t, "two")
+	up.none(t)
+	b.cancel()
+	b.waitDone(t)
+	clock.Advance(4 * time.Second)
+	select {
+	case <-hr.gone:
+		t.Fatal("upstream released before linger")
+	default:
+	}
+	clock.Advance(2 * time.Second)
+	hr.waitGone(t)
+}
+
+func TestShareDrainEndsEverything(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, clock := shareHandler(t, &ShareConfig{Linger: seconds(60)})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/d")
+	b := startClient(t, h, up, "/d")
+	hr := up.next(t)
+	waitSubscribers(t, h, 2)
+	hr.send(t, "data: x\n\n")
+	a.waitBody(t, "data: x")
+	b.waitBody(t, "data: x")
+	h.drain()
+	clock.Advance(time.Duration(h.DrainWindow) + time.Second)
+	for _, cl := range []*client{a, b} {
+		if got := cl.waitDone(t); !strings.HasSuffix(got, "data: drain\n\n") {
+			t.Errorf("got %q", got)
+		}
+	}
+	hr.waitGone(t)
+}
+
+func TestShareCaddyfile(t *testing.T) {
+	for _, tc := range []struct {
+		in, err string
+		check   func(*ShareConfig) bool
+	}{
+		{in: "sse {\n share\n}", check: func(c *ShareConfig) bool { return c.Key == "" && c.Replay == nil }},
+		{in: "sse {\n share {path} {\n replay 0\n linger 2s\n assign_ids\n max_backlog 64KiB\n }\n}", check: func(c *ShareConfig) bool {
+			return c.Key == "{path}" && *c.Replay == 0 && c.Linger == seconds(2) && c.AssignIDs && c.MaxBacklog == 64<<10
+		}},
+		{in: "sse {\n share {\n replay -1\n }\n}", err: "replay"},
+		{in: "sse {\n share {\n max_backlog lots\n }\n}", err: "max_backlog"},
+		{in: "sse {\n share {\n linger soon\n }\n}", err: "linger"},
+		{in: "sse {\n share {\n bogus 1\n }\n}", err: "unrecognized share option"},
+		{in: "sse {\n share a b\n}", err: "wrong argument count"},
+	} {
+		h := new(Handler)
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) || !strings.Contains(err.Error(), "Testfile:") {
+				t.Errorf("%q: error %v, want one naming %q and the line", tc.in, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || h.Share == nil || !tc.check(h.Share) {
+			t.Errorf("%q: %v, %+v", tc.in, err, h.Share)
+		}
+	}
+}
