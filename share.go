@@ -282,7 +282,7 @@ type hub struct {
 	bytesTotal     int64      // bytes of all events appended so far
 	lastStart      int64      // where the newest event starts, in bytesTotal
 	ids            map[string]uint64
-	inFlight       bool // the upstream is inside an event: a new client starts after it
+	inFlight       bool          // the upstream is inside an event: a new client starts after it
 	notify         chan struct{} // closed and replaced at every new event and at the end
 	endReason      endReason
 	upstreamLastID string // the last id the upstream sent, for reconnects
