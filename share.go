@@ -559,7 +559,7 @@ func (hb *hub) feed(sub *subscriber, w http.ResponseWriter, r *http.Request) err
 		sseMetrics.replayMisses.Inc()
 	}
 	for k, v := range hb.header {
-		w.Header()[k] = v
+		w.Header()[k] = append([]string(nil), v...) // each client's own: Caddy may add to them
 	}
 	status := hb.status
 	hb.mu.Unlock()

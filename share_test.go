@@ -3,12 +3,14 @@ package caddysse
 import (
 	"context"
 	"net/http"
+	"os"
 	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // hubUpstream stands in for reverse_proxy in front of a legacy server, for
@@ -193,9 +195,15 @@ func waitSubscribers(t *testing.T, h *Handler, n int) {
 
 func shareHandler(t *testing.T, conf *ShareConfig) (*Handler, *fakeClock) {
 	t.Helper()
-	h := &Handler{Heartbeat: seconds(15), Retry: seconds(3), CloseEvent: "bye", Share: conf}
-	clock, _ := provisionTest(t, h)
+	h, clock, _ := shareHandlerLogs(t, conf)
 	return h, clock
+}
+
+func shareHandlerLogs(t *testing.T, conf *ShareConfig) (*Handler, *fakeClock, *observer.ObservedLogs) {
+	t.Helper()
+	h := &Handler{Heartbeat: seconds(15), Retry: seconds(3), CloseEvent: "bye", Share: conf}
+	clock, logs := provisionTest(t, h)
+	return h, clock, logs
 }
 
 func TestShareOneUpstreamWholeEvents(t *testing.T) {
@@ -522,4 +530,92 @@ func TestShareCaddyfile(t *testing.T) {
 			t.Errorf("%q: %v, %+v", tc.in, err, h.Share)
 		}
 	}
+}
+
+// stallWriter is a client that stops reading once it has n bytes: its
+// writes block until the write deadline is set in the past, as a real
+// connection's do.
+type stallWriter struct {
+	*memWriter
+	n        int
+	deadline chan struct{}
+	blocked  chan struct{}
+}
+
+func (w *stallWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	full := w.body.Len() >= w.n
+	w.mu.Unlock()
+	if full {
+		select {
+		case w.blocked <- struct{}{}:
+		default:
+		}
+		select {
+		case <-w.deadline:
+			return 0, os.ErrDeadlineExceeded
+		case <-time.After(testWait):
+			return 0, errTestBrokenPipe
+		}
+	}
+	return w.memWriter.Write(p)
+}
+
+func (w *stallWriter) SetWriteDeadline(d time.Time) error {
+	if d.IsZero() || d.After(time.Now()) {
+		return nil
+	}
+	select {
+	case <-w.deadline:
+	default:
+		close(w.deadline)
+	}
+	return nil
+}
+
+func TestShareSlowClientDropped(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, _, logs := shareHandlerLogs(t, &ShareConfig{MaxBacklog: 100})
+	up := newHubUpstream()
+	fast := startClient(t, h, up, "/slow")
+	hr := up.next(t)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	slow := &stallWriter{memWriter: newMemWriter(), n: 0, deadline: make(chan struct{}), blocked: make(chan struct{}, 1)}
+	req := httptest.NewRequest(http.MethodGet, "/slow", nil).WithContext(ctx)
+	req.Header.Set("Accept", "text/event-stream")
+	slowDone := make(chan struct{})
+	go func() {
+		defer close(slowDone)
+		h.ServeHTTP(slow, req, up)
+	}()
+	waitSubscribers(t, h, 2)
+	event := "data: " + strings.Repeat("x", 50) + "\n\n"
+	hr.send(t, event)
+	select {
+	case <-slow.blocked:
+	case <-time.After(testWait):
+		t.Fatal("slow client's write did not block")
+	}
+	// The others go on; past max_backlog the slow one is cut. (The fast
+	// one takes each event before the next, or with so small a backlog it
+	// would be dropped too.)
+	fast.waitBody(t, event)
+	for i := 2; i <= 5; i++ {
+		hr.send(t, event)
+		fast.waitBody(t, strings.Repeat(event, i))
+	}
+	select {
+	case <-slowDone:
+	case <-time.After(testWait):
+		t.Fatal("slow client was not dropped")
+	}
+	fast.waitBody(t, strings.Repeat(event, 5))
+	waitSubscribers(t, h, 1)
+	wantReason(t, logs, reasonSlowClient)
+	hr.send(t, "data: still\n\n")
+	fast.waitBody(t, "data: still\n\n")
+	fast.cancel()
+	fast.waitDone(t)
 }
