@@ -2,6 +2,7 @@ package caddysse
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"os"
 	"net/http/httptest"
@@ -618,4 +619,28 @@ func TestShareSlowClientDropped(t *testing.T) {
 	fast.waitBody(t, "data: still\n\n")
 	fast.cancel()
 	fast.waitDone(t)
+}
+
+func TestShareJSONDefaultsAndChecks(t *testing.T) {
+	var h Handler
+	if err := json.Unmarshal([]byte(`{"share": {}}`), &h); err != nil {
+		t.Fatal(err)
+	}
+	provisionTest(t, &h)
+	if *h.Share.Replay != defaultReplay || h.Share.MaxBacklog != defaultMaxBacklog || h.hubs == nil {
+		t.Errorf("defaults: %+v", h.Share)
+	}
+	for _, in := range []string{
+		`{"share": {"replay": -1}}`,
+		`{"share": {"linger": "-1s"}}`,
+		`{"share": {"max_backlog": -5}}`,
+	} {
+		var h Handler
+		if err := json.Unmarshal([]byte(in), &h); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Validate(); err == nil || !strings.Contains(err.Error(), "share:") {
+			t.Errorf("%s: Validate gave %v", in, err)
+		}
+	}
 }
