@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddytest"
 	"go.uber.org/zap/zaptest/observer"
 )
 
@@ -643,4 +644,74 @@ func TestShareJSONDefaultsAndChecks(t *testing.T) {
 			t.Errorf("%s: Validate gave %v", in, err)
 		}
 	}
+}
+
+func TestShareHeartbeatsWhileUpstreamAway(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, clock := shareHandler(t, &ShareConfig{})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/away")
+	hr := up.next(t)
+	hr.send(t, "data: x\n\n")
+	a.waitBody(t, "data: x\n\n")
+	// The upstream is down: reverse_proxy would answer 502 on each try.
+	up.status, up.contentType, up.body = http.StatusBadGateway, "text/plain", "bad gateway"
+	hr.end <- true
+	tries := 0
+	for i := 0; i < 100 && !strings.Contains(a.w.received(), "data: upstream_error"); i++ {
+		select {
+		case <-up.reqs:
+			tries++
+		case <-time.After(2 * time.Millisecond):
+		}
+		if i == 50 && !strings.Contains(a.w.received(), "data: x\n\n:\n\n") {
+			t.Errorf("no heartbeat while the upstream was away: %q", a.w.received())
+		}
+		clock.Advance(500 * time.Millisecond)
+	}
+	got := a.waitDone(t)
+	if !strings.HasSuffix(got, "event: bye\ndata: upstream_error\n\n") || !strings.Contains(got, ":\n\n") {
+		t.Errorf("got %q", got)
+	}
+	if tries != reconnectTries {
+		t.Errorf("%d tries, want %d", tries, reconnectTries)
+	}
+}
+
+func TestShareCaddyfileAdapts(t *testing.T) {
+	caddytest.AssertAdapt(t, `:8080 {
+	sse {
+		share {path} {
+			replay 10
+			assign_ids
+		}
+	}
+}
+`, "caddyfile", `{
+	"apps": {
+		"http": {
+			"servers": {
+				"srv0": {
+					"listen": [
+						":8080"
+					],
+					"routes": [
+						{
+							"handle": [
+								{
+									"handler": "sse",
+									"share": {
+										"assign_ids": true,
+										"key": "{http.request.uri.path}",
+										"replay": 10
+									}
+								}
+							]
+						}
+					]
+				}
+			}
+		}
+	}
+}`)
 }
