@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"net/http"
 	"os"
+	"runtime"
+	"sync/atomic"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -714,4 +716,77 @@ func TestShareCaddyfileAdapts(t *testing.T) {
 		}
 	}
 }`)
+}
+
+// countWriter is a client that takes everything and counts the bytes.
+type countWriter struct {
+	header http.Header
+	n      atomic.Int64
+}
+
+func (w *countWriter) Header() http.Header { return w.header }
+func (w *countWriter) WriteHeader(int)     {}
+func (w *countWriter) Flush()              {}
+func (w *countWriter) Write(p []byte) (int, error) {
+	w.n.Add(int64(len(p)))
+	return len(p), nil
+}
+
+// TestShareFanOutAllocatesNothingPerClient sends the same events to 1 and
+// to 21 clients: the allocations per event must not grow with the clients.
+func TestShareFanOutAllocatesNothingPerClient(t *testing.T) {
+	const events = 200
+	event := "id: 1\ndata: " + strings.Repeat("x", 100) + "\n\n"
+	mallocs := func(clients int) float64 {
+		h, _ := shareHandler(t, &ShareConfig{})
+		up := newHubUpstream()
+		var writers []*countWriter
+		var cancels []context.CancelFunc
+		var dones []chan struct{}
+		for i := 0; i < clients; i++ {
+			w := &countWriter{header: make(http.Header)}
+			ctx, cancel := context.WithCancel(context.Background())
+			req := httptest.NewRequest(http.MethodGet, "/fan", nil).WithContext(ctx)
+			req.Header.Set("Accept", "text/event-stream")
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				h.ServeHTTP(w, req, up)
+			}()
+			writers, cancels, dones = append(writers, w), append(cancels, cancel), append(dones, done)
+		}
+		hr := up.next(t)
+		waitSubscribers(t, h, clients)
+		hr.send(t, event) // warm up
+		waitCount := func(want int64) {
+			deadline := time.Now().Add(testWait)
+			for _, w := range writers {
+				for w.n.Load() < want {
+					if time.Now().After(deadline) {
+						t.Fatalf("a client has %d bytes, want %d", w.n.Load(), want)
+					}
+					runtime.Gosched()
+				}
+			}
+		}
+		waitCount(int64(len(event)))
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		for i := 0; i < events; i++ {
+			hr.send(t, event)
+		}
+		waitCount(int64(len(event) * (events + 1)))
+		runtime.ReadMemStats(&after)
+		for i := range cancels {
+			cancels[i]()
+			<-dones[i]
+		}
+		hr.waitGone(t)
+		return float64(after.Mallocs-before.Mallocs) / events
+	}
+	one, many := mallocs(1), mallocs(21)
+	t.Logf("allocations per event: %.1f with 1 client, %.1f with 21", one, many)
+	if perClient := (many - one) / 20; perClient > 0.5 {
+		t.Errorf("%.2f allocations per event per extra client, want none", perClient)
+	}
 }
