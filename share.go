@@ -18,6 +18,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // Shared streams (the share option): one upstream request per key, its
@@ -303,8 +305,11 @@ type subscriber struct {
 	s        *stream
 	pos      uint64 // next event to send; guarded by hub.mu
 	posStart int64  // where it starts in bytesTotal; guarded by hub.mu
-	writing  atomic.Bool
-	dropped  atomic.Bool
+	// allow is how far behind it may fall: max_backlog, or what it had
+	// to catch up on when it came back to replay, if that is more.
+	allow   int64 // guarded by hub.mu
+	writing atomic.Bool
+	dropped atomic.Bool
 }
 
 var errHubGone = errors.New("sse: shared stream released")
@@ -378,6 +383,7 @@ func (hb *hub) addLocked(sub *subscriber, r *http.Request) {
 	hb.subs[sub] = struct{}{}
 	sseMetrics.subscribers.Inc()
 	sub.pos, sub.posStart = hb.nextSeq, hb.bytesTotal
+	sub.allow = hb.set.conf.MaxBacklog
 	if hb.inFlight {
 		sub.pos++
 	}
@@ -394,6 +400,7 @@ func (hb *hub) positionLocked(sub *subscriber, lastID string) bool {
 	if seq+1 < sub.pos {
 		sub.pos = seq + 1
 		sub.posStart = hb.events[sub.pos-hb.firstSeq].start
+		sub.allow = max(sub.allow, hb.lastStart-sub.posStart)
 		sseMetrics.replayed.Add(float64(hb.nextSeq - sub.pos))
 	}
 	return true
@@ -564,7 +571,6 @@ func (hb *hub) feed(sub *subscriber, w http.ResponseWriter, r *http.Request) err
 	status := hb.status
 	hb.mu.Unlock()
 	w.WriteHeader(status)
-	maxBacklog := hb.set.conf.MaxBacklog
 	for {
 		hb.mu.Lock()
 		for sub.pos >= hb.nextSeq && hb.state != hubEnded {
@@ -577,7 +583,7 @@ func (hb *hub) feed(sub *subscriber, w http.ResponseWriter, r *http.Request) err
 			}
 			hb.mu.Lock()
 		}
-		if sub.pos < hb.firstSeq || hb.lastStart-sub.posStart > maxBacklog || sub.dropped.Load() {
+		if sub.pos < hb.firstSeq || hb.lastStart-sub.posStart > sub.allow || sub.dropped.Load() {
 			hb.mu.Unlock()
 			sseMetrics.slowDrops.Inc()
 			sub.s.closeShared(reasonSlowClient)
@@ -657,12 +663,18 @@ func (hb *hub) run(next caddyhttp.Handler) {
 			failures = 0
 		}
 		if failures++; failures > reconnectTries {
+			hb.set.h.logger.Warn("shared stream's upstream failed every retry; its clients are closed",
+				zap.String("uri", hb.base.RequestURI), zap.Int("tries", reconnectTries), zap.Error(err))
 			hb.end(reasonUpstreamError)
 			return
 		}
 		backoff := min(reconnectBase<<(failures-1), reconnectMax)
 		backoff = backoff/2 + rand.N(backoff/2+1)
 		sseMetrics.reconnects.Inc()
+		if c := hb.set.h.logger.Check(zapcore.DebugLevel, "shared stream's upstream ended; asking again"); c != nil {
+			c.Write(zap.String("uri", hb.base.RequestURI), zap.Int("try", failures),
+				zap.Duration("backoff", backoff), zap.String("last_event_id", hb.lastIDForLog()), zap.Any("panic", panicked))
+		}
 		wake := make(chan struct{})
 		t := hb.set.h.clock.AfterFunc(backoff, func() { close(wake) })
 		select {
@@ -673,6 +685,12 @@ func (hb *hub) run(next caddyhttp.Handler) {
 			return
 		}
 	}
+}
+
+func (hb *hub) lastIDForLog() string {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	return hb.upstreamLastID
 }
 
 // request is the hub's request to the upstream: the first client's,
@@ -760,7 +778,7 @@ func (hb *hub) appendEvent(data []byte, id string, ownID bool) {
 	// A client stuck in a write too far behind is cut; the others notice
 	// their backlog themselves.
 	for sub := range hb.subs {
-		if sub.writing.Load() && hb.lastStart-sub.posStart > maxBacklog && !sub.dropped.Swap(true) {
+		if sub.writing.Load() && hb.lastStart-sub.posStart > sub.allow && !sub.dropped.Swap(true) {
 			sub.s.cutFor(reasonSlowClient)
 		}
 	}

@@ -791,3 +791,27 @@ func TestShareFanOutAllocatesNothingPerClient(t *testing.T) {
 		t.Errorf("%.2f allocations per event per extra client, want none", perClient)
 	}
 }
+
+func TestShareReplayBeyondBacklogIsNotDropped(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, _ := shareHandler(t, &ShareConfig{MaxBacklog: 10})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/rb")
+	hr := up.next(t)
+	for _, id := range []string{"1", "2", "3", "4"} {
+		hr.send(t, "id: "+id+"\ndata: e"+id+"\n\n")
+		a.waitBody(t, "data: e"+id+"\n\n")
+	}
+	// 3 events (39 bytes) to catch up on, more than max_backlog: the
+	// client came back for them, so it gets them.
+	b := startClient(t, h, up, "/rb", "Last-Event-ID", "1")
+	b.waitBody(t, "data: e4\n\n")
+	hr.send(t, "id: 5\ndata: e5\n\n")
+	if got := b.waitBody(t, "data: e5\n\n"); got != "id: 2\ndata: e2\n\nid: 3\ndata: e3\n\nid: 4\ndata: e4\n\nid: 5\ndata: e5\n\n" {
+		t.Errorf("got %q", got)
+	}
+	for _, cl := range []*client{a, b} {
+		cl.cancel()
+		cl.waitDone(t)
+	}
+}
