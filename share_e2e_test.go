@@ -55,6 +55,11 @@ func newShareUpstream(t *testing.T) *shareUpstream {
 
 func (u *shareUpstream) serve(w http.ResponseWriter, r *http.Request) {
 	u.count.Add(1)
+	if r.URL.Query().Get("kind") == "json" {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"ok": true}`)
+		return
+	}
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.WriteHeader(http.StatusOK)
 	http.NewResponseController(w).Flush()
@@ -358,6 +363,20 @@ func TestShareE2E(t *testing.T) {
 		}
 	})
 
+	t.Run("not a stream: passed through, not shared", func(t *testing.T) {
+		for i := 0; i < 2; i++ {
+			n := up.count.Load()
+			c := openShared(t, "/api?kind=json")
+			body, err := c.waitEnd(t)
+			if err != io.EOF || body != `{"ok": true}` || c.resp.Header.Get("Content-Type") != "application/json" {
+				t.Errorf("got %q, %v, %q", body, err, c.resp.Header.Get("Content-Type"))
+			}
+			if up.count.Load() != n+1 {
+				t.Errorf("request %d: %d upstream requests, want 1", i, up.count.Load()-n)
+			}
+		}
+	})
+
 	t.Run("replay miss", func(t *testing.T) {
 		a := openShared(t, "/miss")
 		req := up.next(t)
@@ -414,12 +433,16 @@ func TestShareE2E(t *testing.T) {
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
-		before := scrapeShareMetrics(t)["caddy_sse_shared_slow_drops_total"]
+		const endedSlow = `caddy_sse_streams_ended_total{reason="slow_client"}`
+		m0 := scrapeShareMetrics(t)
+		before := m0["caddy_sse_shared_slow_drops_total"]
 		chunk := strings.Repeat("x", 16<<10)
 		dropped := false
+		batches := 0
 		// Batches of 256 KiB, each taken by the fast client before the next:
 		// the slow client's socket buffers fill, then it falls behind.
 		for batch := 1; batch <= 400 && !dropped; batch++ {
+			batches = batch
 			for i := 0; i < 16; i++ {
 				req.send(t, fmt.Sprintf("data: %d-%d %s\n\n", batch, i, chunk))
 			}
@@ -428,6 +451,15 @@ func TestShareE2E(t *testing.T) {
 		}
 		if !dropped {
 			t.Fatal("slow client was not dropped")
+		}
+		t.Logf("slow client dropped after %d MiB", batches/4)
+		// The drop shows as the stream's end, once its handler has returned.
+		deadline = time.Now().Add(e2eWait)
+		for scrapeShareMetrics(t)[endedSlow] <= m0[endedSlow] {
+			if time.Now().After(deadline) {
+				t.Fatal("no stream ended with reason slow_client")
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
 		req.send(t, "data: after\n\n")
 		fast.waitFor(t, "data: after\n\n")
@@ -452,6 +484,7 @@ func TestShareE2E(t *testing.T) {
 		left := time.Now()
 		b.cancel()
 		gone := req.waitGone(t)
+		t.Logf("upstream released %s after the last client left (linger 500ms)", gone.Sub(left).Round(time.Millisecond))
 		if d := gone.Sub(left); d < 400*time.Millisecond {
 			t.Errorf("upstream released %s after the last client left, want about 500ms", d)
 		}

@@ -815,3 +815,25 @@ func TestShareReplayBeyondBacklogIsNotDropped(t *testing.T) {
 		cl.waitDone(t)
 	}
 }
+
+func TestShareLimitsCountEachClient(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h := &Handler{MaxStreams: 2, Share: &ShareConfig{}}
+	provisionTest(t, h)
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/lim")
+	hr := up.next(t)
+	b := startClient(t, h, up, "/lim")
+	waitSubscribers(t, h, 2)
+	c := startClient(t, h, up, "/lim")
+	if got := c.waitDone(t); !strings.Contains(got, "retry: ") {
+		t.Errorf("third client got %q, want a refusal", got)
+	}
+	hr.send(t, "data: x\n\n")
+	a.waitBody(t, "data: x")
+	b.waitBody(t, "data: x")
+	for _, cl := range []*client{a, b} {
+		cl.cancel()
+		cl.waitDone(t)
+	}
+}
