@@ -398,10 +398,15 @@ func (hb *hub) positionLocked(sub *subscriber, lastID string) bool {
 		return false
 	}
 	if seq+1 < sub.pos {
+		// Those that came after it, the one in flight included.
 		sub.pos = seq + 1
-		sub.posStart = hb.events[sub.pos-hb.firstSeq].start
-		sub.allow = max(sub.allow, hb.lastStart-sub.posStart)
-		sseMetrics.replayed.Add(float64(hb.nextSeq - sub.pos))
+		if sub.pos < hb.nextSeq {
+			sub.posStart = hb.events[sub.pos-hb.firstSeq].start
+			sub.allow = max(sub.allow, hb.lastStart-sub.posStart)
+			sseMetrics.replayed.Add(float64(hb.nextSeq - sub.pos))
+		} else {
+			sub.posStart = hb.bytesTotal
+		}
 	}
 	return true
 }

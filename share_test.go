@@ -837,3 +837,30 @@ func TestShareLimitsCountEachClient(t *testing.T) {
 		cl.waitDone(t)
 	}
 }
+
+func TestShareResumeAtTheLatestWhileAnEventIsInFlight(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, _ := shareHandler(t, &ShareConfig{})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/f")
+	hr := up.next(t)
+	hr.send(t, "id: 1\ndata: one\n\n")
+	hr.send(t, "id: 2\ndata: t")
+	// It has seen 1: the event in flight is the next it needs.
+	b := startClient(t, h, up, "/f", "Last-Event-ID", "1")
+	// It has seen nothing: it starts after the event in flight.
+	c := startClient(t, h, up, "/f")
+	waitSubscribers(t, h, 3)
+	hr.send(t, "wo\n\nid: 3\ndata: three\n\n")
+	if got := b.waitBody(t, "three\n\n"); got != "id: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
+		t.Errorf("resumed client got %q", got)
+	}
+	if got := c.waitBody(t, "three\n\n"); got != "id: 3\ndata: three\n\n" {
+		t.Errorf("new client got %q", got)
+	}
+	a.waitBody(t, "three\n\n")
+	for _, cl := range []*client{a, b, c} {
+		cl.cancel()
+		cl.waitDone(t)
+	}
+}
