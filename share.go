@@ -218,7 +218,6 @@ type hubSet struct {
 	mu       sync.Mutex
 	hubs     map[string]*hub
 	draining bool
-	wg       sync.WaitGroup // hub goroutines
 }
 
 func newHubSet(h *Handler) *hubSet {
@@ -337,7 +336,6 @@ func (set *hubSet) join(key string, sub *subscriber, r *http.Request, next caddy
 	hb = set.newHub(key, r)
 	hb.addLocked(sub, r)
 	set.hubs[key] = hb
-	set.wg.Add(1)
 	go hb.run(next)
 	return hb, true
 }
@@ -634,7 +632,6 @@ func (s *stream) closeShared(reason endReason) {
 
 // run is the hub's upstream: the first request, and the reconnects.
 func (hb *hub) run(next caddyhttp.Handler) {
-	defer hb.set.wg.Done()
 	defer sseMetrics.hubs.Dec()
 	failures := 0
 	for attempt := 0; ; attempt++ {
