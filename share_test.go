@@ -14,6 +14,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddytest"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap/zaptest/observer"
 )
 
@@ -25,6 +26,8 @@ type hubUpstream struct {
 	contentType string
 	body        string // for a response that is not a stream
 	reqs        chan *hubReq
+	hold        chan struct{} // when set, each request waits for it before its header
+	count       atomic.Int64
 }
 
 type hubReq struct {
@@ -40,6 +43,14 @@ func newHubUpstream() *hubUpstream {
 }
 
 func (u *hubUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
+	u.count.Add(1)
+	if u.hold != nil {
+		select {
+		case <-u.hold:
+		case <-r.Context().Done():
+			return r.Context().Err()
+		}
+	}
 	hr := &hubReq{r: r, chunks: make(chan []byte), acks: make(chan error), end: make(chan bool, 1), gone: make(chan struct{})}
 	defer close(hr.gone)
 	w.Header().Set("Content-Type", u.contentType)
@@ -862,5 +873,39 @@ func TestShareResumeAtTheLatestWhileAnEventIsInFlight(t *testing.T) {
 	for _, cl := range []*client{a, b, c} {
 		cl.cancel()
 		cl.waitDone(t)
+	}
+}
+
+func TestShareWaitersOfWhatIsNotAStreamAskOnTheirOwn(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, _ := shareHandler(t, &ShareConfig{})
+	up := newHubUpstream()
+	up.contentType, up.body = "application/json", `{"ok":true}`
+	up.hold = make(chan struct{})
+	a := startClient(t, h, up, "/w")
+	b := startClient(t, h, up, "/w")
+	waitSubscribers(t, h, 2)
+	close(up.hold)
+	for _, cl := range []*client{a, b} {
+		if got := cl.waitDone(t); got != `{"ok":true}` {
+			t.Errorf("got %q", got)
+		}
+	}
+	if n := up.count.Load(); n != 2 {
+		t.Errorf("%d upstream requests, want 2: the starter's and the waiter's own", n)
+	}
+
+	// No header at all: reverse_proxy's error while the upstream is down.
+	down := handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		return caddyhttp.Error(http.StatusBadGateway, errTestBrokenPipe)
+	})
+	c := newMemWriter()
+	req := httptest.NewRequest(http.MethodGet, "/w", nil)
+	req.Header.Set("Accept", "text/event-stream")
+	if err := h.ServeHTTP(c, req, down); err != nil {
+		t.Fatalf("ServeHTTP: %v", err)
+	}
+	if got := c.body.String(); !strings.Contains(got, "data: upstream_status_502") {
+		t.Errorf("got %q, want a refusal", got)
 	}
 }
