@@ -13,6 +13,7 @@ import (
 	"github.com/klauspost/compress/zlib"
 	"github.com/klauspost/compress/zstd"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // flushingCompressor is a legacy server's compressing writer: it flushes
@@ -89,15 +90,20 @@ func TestCompressedStreamIsDecodedAndManaged(t *testing.T) {
 	}
 }
 
-// TestTruncatedCompressedStreamEndsAsUpstreamError checks an upstream whose
-// response ends in the middle of its compressed stream: that is a broken
-// stream, not a clean end.
-func TestTruncatedCompressedStreamEndsAsUpstreamError(t *testing.T) {
+// gzipStream starts a stream whose upstream says it sends gzip.
+func gzipStream(t *testing.T) (*streamRun, *observer.ObservedLogs) {
 	h := &Handler{Heartbeat: seconds(1)}
 	clock, logs := provisionTest(t, h)
 	up := newScriptedUpstream()
 	up.header = http.Header{"Content-Encoding": {"gzip"}}
-	run := startStream(t, h, clock, up)
+	return startStream(t, h, clock, up), logs
+}
+
+// TestTruncatedCompressedStreamEndsAsUpstreamError checks an upstream whose
+// response ends in the middle of its compressed stream: that is a broken
+// stream, not a clean end.
+func TestTruncatedCompressedStreamEndsAsUpstreamError(t *testing.T) {
+	run, logs := gzipStream(t)
 	var compressed bytes.Buffer
 	gw := gzip.NewWriter(&compressed)
 	gw.Write([]byte("data: one\n\n"))
@@ -110,11 +116,7 @@ func TestTruncatedCompressedStreamEndsAsUpstreamError(t *testing.T) {
 }
 
 func TestCorruptCompressedStreamEndsAsUpstreamError(t *testing.T) {
-	h := &Handler{Heartbeat: seconds(1)}
-	clock, logs := provisionTest(t, h)
-	up := newScriptedUpstream()
-	up.header = http.Header{"Content-Encoding": {"gzip"}}
-	run := startStream(t, h, clock, up)
+	run, logs := gzipStream(t)
 	if err := run.send([]byte("this is not gzip, but long enough for a header")); err == nil {
 		t.Fatal("an undecodable write was taken")
 	}

@@ -237,12 +237,37 @@ type clientStream struct {
 
 	mu      sync.Mutex
 	body    bytes.Buffer
-	err     error     // the read error that ended the body; io.EOF for a clean end
-	endedAt time.Time // when the body ended
+	reads   []bodyRead // one per read that returned bytes
+	err     error      // the read error that ended the body; io.EOF for a clean end
+	endedAt time.Time  // when the body ended
 	change  chan struct{}
 }
 
-var streamClient = &http.Client{Transport: &http.Transport{DisableCompression: true}}
+// bodyRead is when a read of the body returned, and the body's length
+// after it.
+type bodyRead struct {
+	at  time.Time
+	end int
+}
+
+// e2eTransport bounds what a client waits for before a response's body:
+// the connection and the response header. Stream bodies are read in the
+// background, and every wait on them is bounded by e2eWait.
+func e2eTransport() *http.Transport {
+	return &http.Transport{
+		DisableCompression:    true,
+		DialContext:           (&net.Dialer{Timeout: e2eWait}).DialContext,
+		TLSHandshakeTimeout:   e2eWait,
+		ResponseHeaderTimeout: e2eWait,
+	}
+}
+
+var (
+	// streamClient opens streams: their bodies do not end by themselves.
+	streamClient = &http.Client{Transport: e2eTransport()}
+	// plainClient is for exchanges that end: each is bounded as a whole.
+	plainClient = &http.Client{Transport: e2eTransport(), Timeout: e2eWait}
+)
 
 func openStream(t *testing.T, path string, header ...string) *clientStream {
 	t.Helper()
@@ -267,8 +292,12 @@ func (s *clientStream) read(body io.ReadCloser) {
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := body.Read(buf)
+		at := time.Now()
 		s.mu.Lock()
 		s.body.Write(buf[:n])
+		if n > 0 {
+			s.reads = append(s.reads, bodyRead{at: at, end: s.body.Len()})
+		}
 		if err != nil {
 			s.err, s.endedAt = err, time.Now()
 		}
@@ -287,6 +316,29 @@ func (s *clientStream) snapshot() (string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.body.String(), s.err
+}
+
+// arrivals returns when each occurrence of sub that starts at or after
+// offset from in the body arrived: the moment of the read that completed it.
+func (s *clientStream) arrivals(sub string, from int) []time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	body := s.body.String()
+	var times []time.Time
+	for i := from; ; {
+		j := strings.Index(body[i:], sub)
+		if j < 0 {
+			return times
+		}
+		end := i + j + len(sub)
+		for _, r := range s.reads {
+			if r.end >= end {
+				times = append(times, r.at)
+				break
+			}
+		}
+		i = end
+	}
 }
 
 // waitFor waits until the body contains want.
@@ -375,21 +427,56 @@ func TestE2E(t *testing.T) {
 			latencies = append(latencies, time.Since(sent))
 		}
 		slices.Sort(latencies)
-		t.Logf("upstream write to client read: p50 %v, max %v", latencies[len(latencies)/2], latencies[len(latencies)-1])
+		p50 := latencies[len(latencies)/2]
+		t.Logf("upstream write to client read: p50 %v, max %v", p50, latencies[len(latencies)-1])
+		// On loopback an event takes well under a millisecond; a flush
+		// that waits (for a timer, a heartbeat, more bytes) shows in the
+		// median, where one slow delivery on a busy machine does not.
+		// docs/benchmarks.md has the latency distribution.
+		if p50 > 10*time.Millisecond {
+			t.Errorf("events reached the client %v after the upstream's write (median), want ≤ 10ms", p50)
+		}
 		s.cancel()
 		req.waitGone(t)
 	})
 
-	t.Run("heartbeats while quiet", func(t *testing.T) {
+	t.Run("heartbeats while quiet, one period apart", func(t *testing.T) {
+		const period = 100 * time.Millisecond // the /heartbeat route's heartbeat
+		const beats = 6
 		s := openStream(t, "/heartbeat")
 		req := up.next(t)
 		s.waitFor(t, ":\n\n")
 		req.send(t, "data: a\n")
+		// The gateway forwards the event's end after this moment, so its
+		// first heartbeat cannot reach the client before sent + period.
+		sent := time.Now()
 		req.send(t, "data: b\n\n")
-		body := s.waitFor(t, "data: b\n\n:\n\n")
+		body := s.waitFor(t, "data: b\n\n"+strings.Repeat(":\n\n", beats))
 		parsed := ssespec.Parse([]byte(body))
 		if len(parsed.Events) != 1 || parsed.Events[0].Data != "a\nb" {
 			t.Fatalf("events %+v from %q", parsed.Events, body)
+		}
+		arrived := s.arrivals(":\n\n", strings.Index(body, "data: b\n\n"))
+		if len(arrived) < beats {
+			t.Fatalf("%d heartbeats found after the event in %q, want %d", len(arrived), body, beats)
+		}
+		intervals := []time.Duration{arrived[0].Sub(sent)}
+		for i := 1; i < beats; i++ {
+			intervals = append(intervals, arrived[i].Sub(arrived[i-1]))
+		}
+		t.Logf("heartbeat %v: the first %v after the event, then %v", period, intervals[0], intervals[1:])
+		// From both sides: not before a period of quiet, and not a period
+		// late (a doubled period fails), with the rest of the period as
+		// room for scheduling on a busy machine.
+		if first := intervals[0]; first < period || first >= 2*period {
+			t.Errorf("first heartbeat %v after the event, want [%v, %v)", first, period, 2*period)
+		}
+		// Between heartbeats the client's own delays come in on both
+		// sides, so the median interval is held to the period.
+		between := slices.Clone(intervals[1:])
+		slices.Sort(between)
+		if median := between[len(between)/2]; median < period*9/10 || median > period*3/2 {
+			t.Errorf("heartbeats %v apart (median), want %v (%v to %v)", median, period, period*9/10, period*3/2)
 		}
 		s.cancel()
 		req.waitGone(t)
@@ -458,27 +545,40 @@ func TestE2E(t *testing.T) {
 		// Nearest-rank percentiles: of 100 closes, p99 is the 99th fastest.
 		p50, p99 := teardown[len(teardown)/2-1], teardown[len(teardown)*99/100-1]
 		t.Logf("client close to upstream close: p50 %v, p99 %v", p50, p99)
+		// The goal is p99 ≤ 5ms, which the benchmark harness measures on
+		// a quiet machine (docs/benchmarks.md). Here, under the race
+		// detector on a shared machine, the median is held to it, and
+		// the tail to 100ms.
+		if p50 > 5*time.Millisecond {
+			t.Errorf("upstream saw the client leave after %v at p50, want ≤ 5ms", p50)
+		}
 		if p99 > 100*time.Millisecond {
-			t.Fatalf("upstream saw the client leave after %v at p99, want ≤ 100ms", p99)
+			t.Errorf("upstream saw the client leave after %v at p99, want ≤ 100ms", p99)
 		}
 	})
 
 	t.Run("stalled client torn down", func(t *testing.T) {
-		conn, err := net.Dial("tcp", strings.TrimPrefix(e2eHost, "http://"))
+		const writeTimeout = 500 * time.Millisecond // the /stall route's
+		conn, err := net.DialTimeout("tcp", strings.TrimPrefix(e2eHost, "http://"), e2eWait)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer conn.Close()
 		conn.(*net.TCPConn).SetReadBuffer(4096)
+		// Every write to the client starts after the request, so the one
+		// that blocks cannot time out before start + write_timeout.
+		start := time.Now()
 		fmt.Fprintf(conn, "GET /stall?kind=flood HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
 		req := up.next(t)
-		start := time.Now()
 		// The client reads nothing: Caddy's writes fill the socket, miss the
 		// write deadline, and the upstream must be cancelled.
 		took := req.waitGone(t).Sub(start)
-		t.Logf("stalled client: upstream cancelled %v after the request (write_timeout 500ms)", took)
-		if took > 3*time.Second {
-			t.Fatalf("stalled client held its upstream for %v with write_timeout 500ms", took)
+		t.Logf("stalled client: upstream cancelled %v after the request (write_timeout %v)", took, writeTimeout)
+		// Filling the socket buffers on loopback takes milliseconds; a
+		// write timeout applied twice, or pushed back while the write is
+		// blocked, takes at least twice as long.
+		if took < writeTimeout || took >= 2*writeTimeout {
+			t.Fatalf("stalled client held its upstream for %v, want [%v, %v)", took, writeTimeout, 2*writeTimeout)
 		}
 	})
 
@@ -486,7 +586,7 @@ func TestE2E(t *testing.T) {
 		// Over HTTP/1.1 the write deadline stays armed between writes. When
 		// the stream has been quiet past it and the upstream then ends, the
 		// response's last chunk must still go out: a clean end, not a cut.
-		resp, err := streamClient.Get(e2eHost + "/stall?kind=quiet-end") // write_timeout 500ms
+		resp, err := plainClient.Get(e2eHost + "/stall?kind=quiet-end") // write_timeout 500ms
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -498,7 +598,7 @@ func TestE2E(t *testing.T) {
 	})
 
 	t.Run("non-stream responses pass through", func(t *testing.T) {
-		resp, err := streamClient.Get(e2eHost + "/events?kind=json")
+		resp, err := plainClient.Get(e2eHost + "/events?kind=json")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -528,62 +628,41 @@ func TestE2E(t *testing.T) {
 		req.waitGone(t)
 	})
 
-	t.Run("compressed upstream under encode", func(t *testing.T) {
-		s := openStream(t, "/encoded?kind=gzip", "Accept-Encoding", "gzip")
-		req := up.next(t)
-		if s.resp.Header.Get("Content-Encoding") != "gzip" {
-			t.Fatalf("encode did not compress: %v", s.resp.Header)
-		}
-		zr, err := gzip.NewReader(&lockedReader{s: s})
-		if err != nil {
-			t.Fatal(err)
-		}
-		lines := bufio.NewReader(zr)
-		req.send(t, "data: decoded then compressed\n\n")
-		for {
-			line, err := lines.ReadString('\n')
+	// encode in front compresses toward the client, whether the upstream
+	// sent plain text or gzip the gateway decoded.
+	for _, path := range []string{"/encoded", "/encoded?kind=gzip"} {
+		t.Run("under encode "+path, func(t *testing.T) {
+			s := openStream(t, path, "Accept-Encoding", "gzip")
+			req := up.next(t)
+			if s.resp.Header.Get("Content-Encoding") != "gzip" {
+				t.Fatalf("encode did not compress: %v", s.resp.Header)
+			}
+			zr, err := gzip.NewReader(&lockedReader{s: s})
 			if err != nil {
-				t.Fatalf("reading decompressed stream: %v", err)
+				t.Fatal(err)
 			}
-			if line == "data: decoded then compressed\n" {
-				break
+			lines := bufio.NewReader(zr)
+			// Heartbeats and events reach the client through the compressor at once.
+			readLine := func() string {
+				line, err := lines.ReadString('\n')
+				if err != nil {
+					t.Fatalf("reading decompressed stream: %v", err)
+				}
+				return line
 			}
-		}
-		s.cancel()
-		req.waitGone(t)
-	})
-
-	t.Run("under encode", func(t *testing.T) {
-		s := openStream(t, "/encoded", "Accept-Encoding", "gzip")
-		req := up.next(t)
-		if s.resp.Header.Get("Content-Encoding") != "gzip" {
-			t.Fatalf("encode did not compress: %v", s.resp.Header)
-		}
-		zr, err := gzip.NewReader(&lockedReader{s: s})
-		if err != nil {
-			t.Fatal(err)
-		}
-		lines := bufio.NewReader(zr)
-		// Heartbeats and events reach the client through the compressor at once.
-		readLine := func() string {
-			line, err := lines.ReadString('\n')
-			if err != nil {
-				t.Fatalf("reading decompressed stream: %v", err)
+			if got := readLine() + readLine(); got != ":\n\n" {
+				t.Fatalf("first lines %q, want a heartbeat", got)
 			}
-			return line
-		}
-		if got := readLine() + readLine(); got != ":\n\n" {
-			t.Fatalf("first lines %q, want a heartbeat", got)
-		}
-		req.send(t, "data: compressed\n\n")
-		for {
-			if line := readLine(); line == "data: compressed\n" {
-				break
+			req.send(t, "data: compressed\n\n")
+			for {
+				if line := readLine(); line == "data: compressed\n" {
+					break
+				}
 			}
-		}
-		s.cancel()
-		req.waitGone(t)
-	})
+			s.cancel()
+			req.waitGone(t)
+		})
+	}
 
 	t.Run("per-client limit by the client IP Caddy trusts", func(t *testing.T) {
 		first := openStream(t, "/limited?lastEventId=41", "X-Forwarded-For", "192.0.2.1")
@@ -604,7 +683,7 @@ func TestE2E(t *testing.T) {
 		}
 		// Without Accept, the stream still counts, and is refused at its
 		// header with a status (it did not ask for an event stream).
-		resp, err := streamClient.Do(func() *http.Request {
+		resp, err := plainClient.Do(func() *http.Request {
 			r, _ := http.NewRequest(http.MethodGet, e2eHost+"/limited", nil)
 			r.Header.Set("X-Forwarded-For", "192.0.2.1")
 			return r

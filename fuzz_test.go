@@ -17,8 +17,8 @@ import (
 // cuts drives where writes end and where injections are tried: bit i of the
 // byte cuts[i%len(cuts)] set means a write ends after byte i.
 func FuzzEventState(f *testing.F) {
-	for _, body := range contractCases {
-		f.Add([]byte(body), []byte{0x55})
+	for _, tc := range contractCases {
+		f.Add([]byte(tc.body), []byte{0x55})
 	}
 	f.Add([]byte("\xEF\xBB\xBF\r\n:\rdata\r\r\n\nid: \x00\n\n"), []byte{0xff})
 	f.Fuzz(func(t *testing.T, body, cuts []byte) {

@@ -156,39 +156,57 @@ type handlerFunc func(http.ResponseWriter, *http.Request) error
 
 func (f handlerFunc) ServeHTTP(w http.ResponseWriter, r *http.Request) error { return f(w, r) }
 
+// TestHeartbeats checks when heartbeats come: exactly one heartbeat period
+// after the client last received bytes, not a nanosecond earlier or later,
+// and only between events.
 func TestHeartbeats(t *testing.T) {
-	h := &Handler{Heartbeat: seconds(10), HeartbeatText: "ping"}
+	const hb = 10 * time.Second
+	h := &Handler{Heartbeat: caddy.Duration(hb), HeartbeatText: "ping"}
 	clock, logs := provisionTest(t, h)
 	run := startStream(t, h, clock, newScriptedUpstream())
 
-	clock.Advance(9 * time.Second)
-	wantReceived(t, run, "")
-	clock.Advance(time.Second)
-	wantReceived(t, run, ":ping\n\n")
+	// The header went out as the stream started; then one heartbeat per
+	// period of quiet.
+	wantHeartbeatAfter(t, run, clock, hb)
+	wantHeartbeatAfter(t, run, clock, hb)
 
 	// Data resets the quiet period.
 	clock.Advance(5 * time.Second)
 	mustSend(t, run, "data: a\n\n")
-	clock.Advance(9 * time.Second)
-	wantReceived(t, run, ":ping\n\ndata: a\n\n")
-	clock.Advance(time.Second)
-	wantReceived(t, run, ":ping\n\ndata: a\n\n:ping\n\n")
+	wantHeartbeatAfter(t, run, clock, hb)
 
-	// Never inside an event: the heartbeat waits for the boundary.
+	// Never inside an event: the heartbeat waits for the boundary, then
+	// comes a period after the write that reached it.
 	mustSend(t, run, "data: b\n")
 	clock.Advance(25 * time.Second)
-	wantReceived(t, run, ":ping\n\ndata: a\n\n:ping\n\ndata: b\n")
+	wantReceived(t, run, ":ping\n\n:ping\n\ndata: a\n\n:ping\n\ndata: b\n")
 	mustSend(t, run, "\n")
-	clock.Advance(10 * time.Second)
-	wantReceived(t, run, ":ping\n\ndata: a\n\n:ping\n\ndata: b\n\n:ping\n\n")
+	wantHeartbeatAfter(t, run, clock, hb)
+	wantReceived(t, run, ":ping\n\n:ping\n\ndata: a\n\n:ping\n\ndata: b\n\n:ping\n\n")
 
 	run.endUpstream()
 	run.wait()
-	if got := endField(t, logs, "heartbeats"); got != "3" {
-		t.Errorf("logged %s heartbeats, want 3", got)
+	if got := endField(t, logs, "heartbeats"); got != "4" {
+		t.Errorf("logged %s heartbeats, want 4", got)
 	}
 	if clock.pending() != 0 {
 		t.Errorf("%d timers left after the stream ended", clock.pending())
+	}
+}
+
+// wantHeartbeatAfter checks that the client, which just received bytes,
+// receives nothing more for period minus a nanosecond, and then, at period,
+// exactly the heartbeat.
+func wantHeartbeatAfter(t *testing.T, run *streamRun, clock *fakeClock, period time.Duration) {
+	t.Helper()
+	before := run.w.received()
+	clock.Advance(period - time.Nanosecond)
+	if got := run.w.received(); got != before {
+		t.Fatalf("after %v of quiet the client received %q: a heartbeat too early", period-time.Nanosecond, got[len(before):])
+	}
+	clock.Advance(time.Nanosecond)
+	if got, want := run.w.received(), before+string(run.h.heartbeatLine); got != want {
+		t.Fatalf("after %v of quiet the client received %q, want the heartbeat %q", period, got[len(before):], run.h.heartbeatLine)
 	}
 }
 
@@ -208,12 +226,17 @@ func TestHeartbeatOff(t *testing.T) {
 func TestIdleTimeoutClosesWithRetryAndCloseEvent(t *testing.T) {
 	h := &Handler{Heartbeat: seconds(10), IdleTimeout: seconds(25), Retry: seconds(2.5), CloseEvent: "bye"}
 	clock, logs := provisionTest(t, h)
-	run := startStream(t, h, clock, newScriptedUpstream())
+	up := newScriptedUpstream()
+	run := startStream(t, h, clock, up)
+	upstreamReq := waitFor(t, up.request, "the upstream's request")
 	mustSend(t, run, "id: 1\ndata: a\n\n")
 	// Heartbeats keep the client busy but are not upstream activity.
-	clock.Advance(24 * time.Second)
+	clock.Advance(25*time.Second - time.Nanosecond)
 	wantReceived(t, run, "id: 1\ndata: a\n\n:\n\n:\n\n")
-	clock.Advance(time.Second)
+	if err := upstreamReq.Context().Err(); err != nil {
+		t.Fatalf("upstream cancelled (%v) before idle_timeout", err)
+	}
+	clock.Advance(time.Nanosecond)
 	run.waitUpstreamGone()
 	if err := run.wait(); err != nil || run.panicked != nil {
 		t.Fatalf("a close by the gateway must end cleanly: err %v, panic %v", err, run.panicked)
@@ -231,9 +254,15 @@ func TestIdleTimeoutClosesWithRetryAndCloseEvent(t *testing.T) {
 func TestIdleTimeoutInsideEventAddsNothing(t *testing.T) {
 	h := &Handler{Heartbeat: -1, IdleTimeout: seconds(5), Retry: seconds(1), CloseEvent: "bye"}
 	clock, logs := provisionTest(t, h)
-	run := startStream(t, h, clock, newScriptedUpstream())
+	up := newScriptedUpstream()
+	run := startStream(t, h, clock, up)
+	upstreamReq := waitFor(t, up.request, "the upstream's request")
 	mustSend(t, run, "data: a\n\ndata: unfinished\n")
-	clock.Advance(5 * time.Second)
+	clock.Advance(5*time.Second - time.Nanosecond)
+	if err := upstreamReq.Context().Err(); err != nil {
+		t.Fatalf("upstream cancelled (%v) before idle_timeout", err)
+	}
+	clock.Advance(time.Nanosecond)
 	run.waitUpstreamGone()
 	run.wait()
 	// Anything added would complete the unfinished event; the client must
@@ -265,11 +294,18 @@ func TestMaxLifetimeGivesUpOnEndlessEvent(t *testing.T) {
 	zero := 0.0
 	h := &Handler{Heartbeat: -1, MaxLifetime: seconds(60), LifetimeJitter: &zero, Retry: seconds(1), WriteTimeout: seconds(10)}
 	clock, logs := provisionTest(t, h)
-	run := startStream(t, h, clock, newScriptedUpstream())
+	up := newScriptedUpstream()
+	run := startStream(t, h, clock, up)
+	upstreamReq := waitFor(t, up.request, "the upstream's request")
 	mustSend(t, run, "data: a\n\ndata: b")
 	clock.Advance(65 * time.Second)
 	mustSend(t, run, "bb")
-	clock.Advance(5 * time.Second)
+	// The close waits write_timeout for the event's end, from max_lifetime.
+	clock.Advance(5*time.Second - time.Nanosecond)
+	if err := upstreamReq.Context().Err(); err != nil {
+		t.Fatalf("upstream cancelled (%v) before max_lifetime + write_timeout", err)
+	}
+	clock.Advance(time.Nanosecond)
 	run.waitUpstreamGone()
 	run.wait()
 	wantReceived(t, run, "data: a\n\ndata: bbb")
@@ -285,7 +321,7 @@ func TestLifetimeJitterSpreadsCloses(t *testing.T) {
 		run := startStream(t, h, clock, newScriptedUpstream())
 		start := clock.Now()
 		// The timer is armed until the stream closes; Advance runs it.
-		clock.Advance(49 * time.Second)
+		clock.Advance(50*time.Second - time.Nanosecond)
 		if clock.pending() == 0 {
 			t.Fatalf("closed before (1 - jitter) × max_lifetime")
 		}
@@ -310,13 +346,13 @@ func TestCloseGraceWaitsForClient(t *testing.T) {
 	clock.Advance(5 * time.Second)
 	run.waitUpstreamGone() // the upstream is released at once
 	waitArmed(t, clock)
-	clock.Advance(2 * time.Second)
+	clock.Advance(3*time.Second - time.Nanosecond)
 	select {
 	case <-run.done:
 		t.Fatal("response ended before the grace period")
 	default:
 	}
-	clock.Advance(time.Second)
+	clock.Advance(time.Nanosecond)
 	run.wait()
 	wantReceived(t, run, "event: close\ndata: idle_timeout\n\n")
 

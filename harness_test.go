@@ -22,21 +22,15 @@ func provisionTest(t testing.TB, h *Handler) (*fakeClock, *observer.ObservedLogs
 	t.Helper()
 	clock := newFakeClock()
 	h.clock = clock
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		t.Fatalf("Provision: %v", err)
-	}
-	if err := h.Validate(); err != nil {
-		t.Fatalf("Validate: %v", err)
-	}
+	provision(t, h)
 	core, logs := observer.New(zapcore.DebugLevel)
 	h.logger = zap.New(core)
 	return clock, logs
 }
 
-// provisionReal provisions h with its real clock.
-func provisionReal(t testing.TB, h *Handler) {
+// provision provisions and validates h, with its clock (the real one if
+// none is set).
+func provision(t testing.TB, h *Handler) {
 	t.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	t.Cleanup(cancel)

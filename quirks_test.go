@@ -9,7 +9,9 @@ import (
 	"go.uber.org/zap"
 )
 
-func quirkCount(q quirk) float64 { return testutil.ToFloat64(sseMetrics.quirks.WithLabelValues(string(q))) }
+func quirkCount(q quirk) float64 {
+	return testutil.ToFloat64(sseMetrics.quirks.WithLabelValues(string(q)))
+}
 
 // TestQuirksAbsorbedAndReportedOncePerRoute runs two streams with each
 // quirk through one handler: each is handled where it can be, counted per

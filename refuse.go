@@ -56,7 +56,7 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, reason endReaso
 			zap.String("reason", string(reason)), zap.Int("status", status))
 	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		repl.Set(placeholderCloseReason, string(reason))
+		repl.Set(placeholderPrefix+"close_reason", string(reason))
 	}
 	if h.RefuseWith == refuseWithStatus || !wantsStream(r) {
 		return caddyhttp.Error(status, fmt.Errorf("sse: stream refused: %s", reason))

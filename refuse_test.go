@@ -154,7 +154,7 @@ func TestLimitsCountStreamsThatDidNotAsk(t *testing.T) {
 		})
 		w := httptest.NewRecorder()
 		wantStatus(t, h.ServeHTTP(w, plain(accept), next), http.StatusServiceUnavailable)
-		<-released
+		waitFor(t, released, "the refused stream's upstream to be released")
 		if w.Body.Len() != 0 || w.Header().Get("Content-Type") != "" {
 			t.Fatalf("Accept %q: the refused stream leaked %q, Content-Type %q", accept, w.Body.String(), w.Header().Get("Content-Type"))
 		}
@@ -280,7 +280,7 @@ func TestDrainCutsStalledClients(t *testing.T) {
 	// waits for it in its own goroutine, as it does in production.
 	const window = 200 * time.Millisecond
 	h := &Handler{DrainWindow: caddy.Duration(window), WriteTimeout: seconds(3600), Heartbeat: -1, clock: realClock{}}
-	provisionReal(t, h)
+	provision(t, h)
 	client := &stallingWriter{header: http.Header{}, deadline: make(chan struct{}), blocked: make(chan struct{})}
 	up := newScriptedUpstream()
 	done := make(chan any, 1)

@@ -2,6 +2,7 @@ package caddysse
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -57,16 +58,20 @@ func TestE2EReloadDrainsStreams(t *testing.T) {
 	tester.InitServer(reloadConfig(up, "v1"), "caddyfile")
 	before := scrapeMetrics(t)
 
-	client := &http.Client{Transport: &http.Transport{DisableCompression: true, MaxIdleConnsPerHost: -1}}
+	transport := e2eTransport()
+	transport.MaxIdleConnsPerHost = -1
+	client := &http.Client{Transport: transport}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel) // ends the body reads of streams a failure left open
 	var open []*clientStream
 	for range streams {
-		req, _ := http.NewRequest(http.MethodGet, e2eHost+"/events", nil)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e2eHost+"/events", nil)
 		req.Header.Set("Accept", "text/event-stream")
 		resp, err := client.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := &clientStream{resp: resp, cancel: func() {}, change: make(chan struct{}, 1)}
+		s := &clientStream{resp: resp, cancel: cancel, change: make(chan struct{}, 1)}
 		go s.read(resp.Body)
 		open = append(open, s)
 		up.next(t).send(t, "data: hello\n\n")
@@ -145,7 +150,7 @@ func TestE2EReloadDrainsStreams(t *testing.T) {
 // into a map from series to value.
 func scrapeMetrics(t *testing.T) map[string]float64 {
 	t.Helper()
-	resp, err := http.Get("http://localhost:2999/metrics")
+	resp, err := plainClient.Get("http://localhost:2999/metrics")
 	if err != nil {
 		t.Fatalf("scraping metrics: %v", err)
 	}

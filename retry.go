@@ -22,6 +22,7 @@ type retryClamp struct {
 	lineStart bool   // the next byte starts a line
 	held      []byte // the bytes of a line that may be a retry line
 	lastCR    bool   // the last byte was CR: an LF that follows ends the same line
+	out       []byte // what rewrite returns, reused
 }
 
 // maxHeldRetryLine bounds what a retry line may hold back: "retry: " and
@@ -33,8 +34,14 @@ func newRetryClamp(min, max time.Duration) *retryClamp {
 	return &retryClamp{min: min.Milliseconds(), max: max.Milliseconds(), lineStart: true, held: make([]byte, 0, maxHeldRetryLine)}
 }
 
-// rewrite appends to dst what the client gets for p.
-func (c *retryClamp) rewrite(dst, p []byte) []byte {
+// rewrite returns what the client gets for p, valid until the next call.
+func (c *retryClamp) rewrite(p []byte) []byte {
+	c.out = c.rewriteTo(c.out[:0], p)
+	return c.out
+}
+
+// rewriteTo appends to dst what the client gets for p.
+func (c *retryClamp) rewriteTo(dst, p []byte) []byte {
 	for len(p) > 0 {
 		if len(c.held) == 0 && !c.lineStart {
 			// Inside a line that is not a retry line: copy up to its end.
@@ -128,8 +135,8 @@ func (c *retryClamp) release(dst []byte) []byte {
 
 // flush gives back what is held when the upstream's response ends: a line
 // that never ended, which the client discards anyway.
-func (c *retryClamp) flush(dst []byte) []byte {
-	dst = append(dst, c.held...)
-	c.held = c.held[:0]
-	return dst
+func (c *retryClamp) flush() []byte {
+	held := c.held
+	c.held = nil
+	return held
 }

@@ -34,9 +34,9 @@ func TestRetryClamp(t *testing.T) {
 	} {
 		for split := 0; split <= len(tc.in); split++ {
 			c := newRetryClamp(time.Second, time.Minute)
-			out := c.rewrite(nil, []byte(tc.in[:split]))
-			out = c.rewrite(out, []byte(tc.in[split:]))
-			out = c.flush(out)
+			out := c.rewriteTo(nil, []byte(tc.in[:split]))
+			out = c.rewriteTo(out, []byte(tc.in[split:]))
+			out = append(out, c.flush()...)
 			if string(out) != tc.want {
 				t.Fatalf("%q split at %d: got %q, want %q", tc.in, split, out, tc.want)
 			}

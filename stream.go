@@ -113,10 +113,11 @@ type stream struct {
 	// base is the server's own writer, below every wrapper: cut sets a
 	// write deadline on it from any goroutine.
 	base           http.ResponseWriter
-	askedForStream bool   // its Accept names text/event-stream
-	head           bool   // a HEAD, sent upstream as GET
-	client         string // Caddy's client IP
 	cancelUpstream context.CancelCauseFunc
+
+	// Set once, as the request arrives.
+	askedForStream bool // its Accept names text/event-stream
+	head           bool // a HEAD, sent upstream as GET
 
 	// Guarded by the handler's streamSet.
 	holdsSlot  bool
@@ -133,25 +134,25 @@ type stream struct {
 	// ownDeadlineWriter is Caddy's write deadline writer put in place by the
 	// stream when the server runs without one.
 	ownDeadlineWriter *caddyhttp.IdleTimeoutWriter
+	// retries clamps the upstream's retry lines when retry_bounds is set.
+	retries *retryClamp
 
 	mu     sync.Mutex
 	mode   mode
-	state  eventState
-	closed bool      // nothing more may be written to the client
-	reason endReason // why it ended, once known
+	closed bool // nothing more may be written to the client
 	// closeSent is true once the close sequence reached the client.
-	closeSent  bool
-	times      streamTimes
-	bytesOut   int64
+	closeSent bool
+	reason    endReason // why it ended, once known
+	state     eventState
+	times     streamTimes
+	duration  time.Duration // how long it lasted, once it has ended
+	bytesOut  int64
+	// heartbeats counts the heartbeats written.
 	heartbeats int64
-	// retries clamps the upstream's retry lines, with rewritten as its
-	// buffer, when retry_bounds is set.
-	retries   *retryClamp
-	rewritten []byte
 	// eventWrites counts the first writes that carried events, while they
 	// may still show the upstream's buffering (quirks.go).
-	eventWrites int
-	ctlIDs      int64 // ids with control characters seen when last reported
+	eventWrites int32
+	ctlIDs      int32 // ids with control characters seen when last reported
 
 	// cutting is set when the drain's hard stop cuts the stream; cutReason,
 	// set first, says why when it is not the drain (a shared stream's slow
@@ -171,7 +172,6 @@ func newStream(h *Handler, w http.ResponseWriter, r *http.Request) *stream {
 		base:                  w,
 		askedForStream:        wantsStream(r),
 		head:                  r.Method == http.MethodHead,
-		client:                clientIP(r),
 		state:                 newEventState(),
 	}
 	for {
@@ -304,9 +304,7 @@ func (s *stream) WriteHeader(status int) {
 	s.wroteHeader = true
 	if s.head {
 		// Answer the HEAD with the GET's header, and cut the GET.
-		s.mode = headOnly
-		s.stopClockLocked()
-		s.h.streams.remove(s)
+		s.stepAsideLocked(headOnly)
 		s.endLocked(reasonUpstreamEnd, errGatewayClosed)
 		s.ResponseWriter.WriteHeader(status)
 		return
@@ -317,9 +315,7 @@ func (s *stream) WriteHeader(status int) {
 		return
 	}
 	if status != http.StatusOK || !isEventStream(s.Header()) {
-		s.mode = passThrough
-		s.stopClockLocked()
-		s.h.streams.remove(s)
+		s.stepAsideLocked(passThrough)
 		s.ResponseWriter.WriteHeader(status)
 		return
 	}
@@ -330,6 +326,14 @@ func (s *stream) WriteHeader(status int) {
 		return
 	}
 	s.engageLocked(status)
+}
+
+// stepAsideLocked leaves the response to the next handler, or to the
+// HEAD's answer: no timer, and out of the handler's open requests.
+func (s *stream) stepAsideLocked(m mode) {
+	s.mode = m
+	s.stopClockLocked()
+	s.h.streams.remove(s)
 }
 
 // dropEntityHeaders removes the headers that describe the upstream's body
@@ -356,9 +360,15 @@ func errorStatus(err error) int {
 }
 
 // isEventStream reports whether the response's Content-Type is
-// text/event-stream, the same test reverse_proxy uses to flush at once.
+// text/event-stream, the same test reverse_proxy uses to flush at once;
+// the usual value, without parameters, skips the map that
+// mime.ParseMediaType allocates.
 func isEventStream(header http.Header) bool {
-	mediaType, _, err := mime.ParseMediaType(header.Get("Content-Type"))
+	contentType := header.Get("Content-Type")
+	if !strings.Contains(contentType, ";") {
+		return strings.EqualFold(strings.TrimSpace(contentType), "text/event-stream")
+	}
+	mediaType, _, err := mime.ParseMediaType(contentType)
 	return err == nil && mediaType == "text/event-stream"
 }
 
@@ -477,20 +487,21 @@ func (s *stream) forward(p []byte) error {
 	}
 	prefix, rest := s.state.takeBOM(p, s.bytesOut > 0)
 	if s.retries != nil {
-		s.rewritten = s.retries.rewrite(s.rewritten[:0], rest)
-		rest = s.rewritten
+		rest = s.retries.rewrite(rest)
 	}
+	dispatched := s.state.events
 	closing := s.times.closing != ""
 	if closing {
 		// A close waits for the event in flight to end: forward up to the
 		// boundary, close there and drop the rest.
 		rest = rest[:s.state.scan(rest, true)]
-	}
-	dispatched := s.state.events
-	if !closing {
+	} else {
 		s.state.scan(rest, false)
 	}
 	if !s.writeLocked(prefix, rest) {
+		// Events the client did not get are not counted, here or in the
+		// stream's log line.
+		s.state.events = dispatched
 		return errClientGone
 	}
 	s.upstreamActiveLocked()
@@ -499,10 +510,10 @@ func (s *stream) forward(p []byte) error {
 		if s.eventWrites < burstWrites {
 			s.watchBurstsLocked(len(rest), n)
 		}
-		if s.state.ctlIDs != s.ctlIDs && s.ctlIDs == 0 {
+		if s.state.ctlIDs > 0 && s.ctlIDs == 0 {
 			s.h.reportQuirk(s, quirkIDControlChars)
+			s.ctlIDs = 1
 		}
-		s.ctlIDs = s.state.ctlIDs
 	}
 	if closing && s.state.atBoundary() {
 		s.closeLocked(s.times.closing)
@@ -694,6 +705,9 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 	s.mu.Lock()
 	if !s.closed {
 		switch {
+		case s.cutting.Load():
+			// The drain's hard stop cancelled the upstream.
+			s.reason = reasonDrain
 		case s.req.Context().Err() != nil:
 			s.reason = reasonClientGone
 		case upstreamFailed || s.decoder != nil && s.decoder.err != nil:
@@ -706,7 +720,7 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 				s.writeLocked(nil, utf8BOM[:s.state.bomMatched])
 			}
 			if s.retries != nil {
-				if held := s.retries.flush(nil); len(held) > 0 {
+				if held := s.retries.flush(); len(held) > 0 {
 					s.writeLocked(nil, held)
 				}
 			}
@@ -733,16 +747,35 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 	return s.reason
 }
 
-// The placeholders a stream leaves on the request's replacer as it ends,
-// for access logs (log_append) and anything else that runs after it.
-const (
-	placeholderCloseReason = "http.sse.close_reason"
-	placeholderEvents      = "http.sse.events"
-	placeholderBytes       = "http.sse.bytes"
-	placeholderHeartbeats  = "http.sse.heartbeats"
-	placeholderLastEventID = "http.sse.last_event_id"
-	placeholderDuration    = "http.sse.duration"
-)
+// The placeholders a stream answers on the request's replacer once it has
+// ended, for access logs (log_append) and anything else that runs after it.
+const placeholderPrefix = "http.sse."
+
+// placeholder answers {http.sse.*}. It is evaluated only when something
+// asks, so a stream whose account nobody logs costs nothing for it.
+func (s *stream) placeholder(key string) (any, bool) {
+	name, ok := strings.CutPrefix(key, placeholderPrefix)
+	if !ok {
+		return nil, false
+	}
+	switch name {
+	case "close_reason":
+		return string(s.reason), true
+	case "events":
+		return s.state.events, true
+	case "bytes":
+		return s.bytesOut, true
+	case "heartbeats":
+		return s.heartbeats, true
+	case "duration":
+		return s.duration, true
+	case "last_event_id":
+		if id, known := s.state.lastID(); known {
+			return string(id), true
+		}
+	}
+	return nil, false
+}
 
 // report leaves the stream's account behind: the placeholders, and one
 // debug line, or a warning when the upstream broke the stream.
@@ -754,17 +787,10 @@ const (
 // production") still see the upstream failures here, the one case that
 // needs their attention.
 func (s *stream) report(reason endReason, err error) {
-	id, idKnown := s.state.lastID()
+	s.duration = s.age()
 	repl, _ := s.req.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if repl != nil {
-		repl.Set(placeholderCloseReason, string(reason))
-		repl.Set(placeholderEvents, s.state.events)
-		repl.Set(placeholderBytes, s.bytesOut)
-		repl.Set(placeholderHeartbeats, s.heartbeats)
-		repl.Set(placeholderDuration, s.age())
-		if idKnown {
-			repl.Set(placeholderLastEventID, string(id))
-		}
+		repl.Map(s.placeholder)
 	}
 	level, msg := zapcore.DebugLevel, "stream ended"
 	if reason == reasonUpstreamError {
@@ -776,14 +802,14 @@ func (s *stream) report(reason endReason, err error) {
 	}
 	fields := []zap.Field{
 		zap.String("uri", s.req.RequestURI),
-		zap.String("client_ip", s.client),
+		zap.String("client_ip", clientIP(s.req)),
 		zap.String("reason", string(reason)),
-		zap.Duration("duration", s.age()),
+		zap.Duration("duration", s.duration),
 		zap.Int64("events", s.state.events),
 		zap.Int64("bytes", s.bytesOut),
 		zap.Int64("heartbeats", s.heartbeats),
 	}
-	if idKnown {
+	if id, known := s.state.lastID(); known {
 		fields = append(fields, zap.ByteString("last_event_id", id))
 	}
 	if err != nil {

@@ -69,6 +69,7 @@ func (set *streamSet) acquire(s *stream) (refusedBy endReason) {
 	if h.MaxStreams == 0 && h.MaxStreamsPerClient == 0 && set.rate == nil {
 		return ""
 	}
+	client := clientIP(s.req)
 	set.mu.Lock()
 	defer set.mu.Unlock()
 	switch {
@@ -76,13 +77,13 @@ func (set *streamSet) acquire(s *stream) (refusedBy endReason) {
 		return ""
 	case h.MaxStreams > 0 && set.slots >= h.MaxStreams:
 		return reasonMaxStreams
-	case h.MaxStreamsPerClient > 0 && set.perClient[s.client] >= h.MaxStreamsPerClient:
+	case h.MaxStreamsPerClient > 0 && set.perClient[client] >= h.MaxStreamsPerClient:
 		return reasonMaxStreamsPerClient
 	case set.rate != nil && !set.rate.AllowN(set.clock.Now(), 1):
 		return reasonMaxStreamRate
 	}
 	set.slots++
-	set.perClient[s.client]++
+	set.perClient[client]++
 	s.holdsSlot = true
 	return ""
 }
@@ -96,8 +97,9 @@ func (set *streamSet) release(s *stream) {
 	}
 	s.holdsSlot = false
 	set.slots--
-	if set.perClient[s.client]--; set.perClient[s.client] <= 0 {
-		delete(set.perClient, s.client)
+	client := clientIP(s.req)
+	if set.perClient[client]--; set.perClient[client] <= 0 {
+		delete(set.perClient, client)
 	}
 }
 

@@ -27,6 +27,11 @@ type machine struct {
 	loadAfter    string
 	duration     time.Duration
 	note         string
+	source       source
+	// openFiles is the open-files limit every target ran with, maxStreams
+	// the most proxied streams one process can hold under it.
+	openFiles  uint64
+	maxStreams int
 }
 
 func describeMachine(l *launcher) machine {

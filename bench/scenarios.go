@@ -6,7 +6,9 @@ import (
 	"context"
 	"fmt"
 	"log"
+	"math/rand/v2"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -34,6 +36,12 @@ type config struct {
 	teardownStreams int
 	teardownSpacing time.Duration
 
+	// The churn scenario holds churnStreams idle streams and, for
+	// churnMeasure, closes one and opens another churnRate times a second.
+	churnStreams int
+	churnRate    float64
+	churnMeasure time.Duration
+
 	dialParallel int
 }
 
@@ -53,6 +61,9 @@ func fullConfig() config {
 		heartbeat:         15 * time.Second,
 		teardownStreams:   250,
 		teardownSpacing:   4 * time.Millisecond,
+		churnStreams:      300,
+		churnRate:         200,
+		churnMeasure:      5 * time.Second,
 		dialParallel:      128,
 	}
 }
@@ -77,6 +88,9 @@ func smokeConfig() config {
 		heartbeat:         250 * time.Millisecond,
 		teardownStreams:   20,
 		teardownSpacing:   2 * time.Millisecond,
+		churnStreams:      20,
+		churnRate:         50,
+		churnMeasure:      400 * time.Millisecond,
 		dialParallel:      32,
 	}
 }
@@ -89,6 +103,32 @@ type latencyResult struct {
 	failed  int
 	early   int // streams that ended before the run did
 	cpu     float64
+	// seconds is the length of the measurement windows, summed over rounds;
+	// len(samples) / seconds is the rate the clients received.
+	seconds float64
+	// sent is how many events the upstream wrote in sentSeconds (the same
+	// windows, as the harness's clock saw them), skipped how many it gave up.
+	sent        int64
+	sentSeconds float64
+	skipped     int64
+	// roundP99 is each round's own p99, to show how far rounds disagree.
+	roundP99 []int64
+}
+
+// receivedRate is the events per second the clients received in the windows.
+func (l *latencyResult) receivedRate() float64 {
+	if l.seconds == 0 {
+		return 0
+	}
+	return float64(len(l.samples)) / l.seconds
+}
+
+// sentRate is the events per second the upstream wrote in the windows.
+func (l *latencyResult) sentRate() float64 {
+	if l.sentSeconds == 0 {
+		return 0
+	}
+	return float64(l.sent) / l.sentSeconds
 }
 
 type throughputResult struct {
@@ -100,6 +140,8 @@ type throughputResult struct {
 	cpu     float64
 	failed  int
 	early   int
+	// roundRates is each round's events per second.
+	roundRates []float64
 }
 
 type scaleResult struct {
@@ -121,6 +163,18 @@ type teardownResult struct {
 	samples []int64 // ns, sorted
 	missing int
 	failed  int
+	// For churn: closes made and the seconds they took, so the achieved
+	// rate can be set against the stated one.
+	closes  int
+	seconds float64
+}
+
+// closeRate is the closes per second a churn run achieved.
+func (t *teardownResult) closeRate() float64 {
+	if t.seconds == 0 {
+		return 0
+	}
+	return float64(t.closes) / t.seconds
 }
 
 // results is everything a run measured.
@@ -130,6 +184,7 @@ type results struct {
 	throughput []*throughputResult
 	scale      []*scaleResult
 	teardown   []*teardownResult
+	churn      []*teardownResult
 	problems   []string
 }
 
@@ -156,8 +211,8 @@ func rotated(targets []string, round int) []string {
 	return append(slices.Clone(targets[k:]), targets[:k]...)
 }
 
-// runShared runs latency, throughput and teardown against one long-lived
-// process per target, alternating targets inside every step.
+// runShared runs latency, throughput, teardown and churn against one
+// long-lived process per target, alternating targets inside every step.
 func (b *bench) runShared(ctx context.Context) error {
 	gateways := map[string]*gateway{}
 	defer func() {
@@ -175,6 +230,7 @@ func (b *bench) runShared(ctx context.Context) error {
 	latency := map[string]*latencyResult{}
 	throughput := map[string]*throughputResult{}
 	teardown := map[string]*teardownResult{}
+	churn := map[string]*teardownResult{}
 	for round := range b.cfg.rounds {
 		order := rotated(b.cfg.targets, round)
 		for _, n := range b.cfg.latencyCounts {
@@ -190,6 +246,11 @@ func (b *bench) runShared(ctx context.Context) error {
 					prev.failed += r.failed
 					prev.early += r.early
 					prev.cpu = (prev.cpu + r.cpu) / 2
+					prev.seconds += r.seconds
+					prev.sent += r.sent
+					prev.sentSeconds += r.sentSeconds
+					prev.skipped += r.skipped
+					prev.roundP99 = append(prev.roundP99, r.roundP99...)
 				} else {
 					latency[key] = r
 					b.res.latency = append(b.res.latency, r)
@@ -210,6 +271,7 @@ func (b *bench) runShared(ctx context.Context) error {
 					prev.cpu = (prev.cpu + r.cpu) / 2
 					prev.failed += r.failed
 					prev.early += r.early
+					prev.roundRates = append(prev.roundRates, r.roundRates...)
 				} else {
 					throughput[key] = r
 					b.res.throughput = append(b.res.throughput, r)
@@ -233,11 +295,33 @@ func (b *bench) runShared(ctx context.Context) error {
 				b.res.teardown = append(b.res.teardown, r)
 			}
 		}
+		for _, name := range order {
+			if !b.cfg.scenarios["churn"] {
+				break
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			r := b.runChurn(ctx, gateways[name])
+			if prev := churn[name]; prev != nil {
+				prev.samples = append(prev.samples, r.samples...)
+				prev.missing += r.missing
+				prev.failed += r.failed
+				prev.closes += r.closes
+				prev.seconds += r.seconds
+			} else {
+				churn[name] = r
+				b.res.churn = append(b.res.churn, r)
+			}
+		}
 	}
 	for _, r := range b.res.latency {
 		slices.Sort(r.samples)
 	}
 	for _, r := range b.res.teardown {
+		slices.Sort(r.samples)
+	}
+	for _, r := range b.res.churn {
 		slices.Sort(r.samples)
 	}
 	return nil
@@ -261,10 +345,13 @@ func (b *bench) runLatency(ctx context.Context, g *gateway, n int) *latencyResul
 	set := openStreams(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(int) string { return path }, window)
 	start, end := window.set(b.cfg.warmup, b.cfg.measure)
 	time.Sleep(time.Until(start))
+	sent0, skipped0, t0 := b.up.sent.Load(), b.up.skipped.Load(), time.Now()
 	cpu := startCPU(g)
-	// A little past the window's end, so events sent inside it have arrived.
 	time.Sleep(time.Until(end))
-	r := &latencyResult{target: g.name, streams: n, opened: len(set.streams), failed: set.failed, cpu: cpu.percent()}
+	sent1, skipped1, t1 := b.up.sent.Load(), b.up.skipped.Load(), time.Now()
+	r := &latencyResult{target: g.name, streams: n, opened: len(set.streams), failed: set.failed, cpu: cpu.percent(),
+		seconds: b.cfg.measure.Seconds(), sent: sent1 - sent0, sentSeconds: t1.Sub(t0).Seconds(), skipped: skipped1 - skipped0}
+	// A little past the window's end, so events sent inside it have arrived.
 	time.Sleep(50 * time.Millisecond)
 	r.early = set.endedEarly()
 	set.closeAll()
@@ -277,10 +364,12 @@ func (b *bench) runLatency(ctx context.Context, g *gateway, n int) *latencyResul
 	if len(r.samples) == 0 {
 		b.res.problem("%s: no event received in the window", what)
 	}
+	b.checkRate(what, r)
 	sorted := slices.Clone(r.samples)
 	slices.Sort(sorted)
-	log.Printf("%-34s events %6d  p50 %7.1fµs  p99 %7.1fµs  p99.9 %7.1fµs  cpu %5.1f%%", what, len(sorted),
-		micros(quantile(sorted, 0.5)), micros(quantile(sorted, 0.99)), micros(quantile(sorted, 0.999)), r.cpu)
+	r.roundP99 = []int64{quantile(sorted, 0.99)}
+	log.Printf("%-34s events %6d (%6.0f/s sent, %6.0f/s received)  p50 %7.1fµs  p99 %7.1fµs  p99.9 %7.1fµs  cpu %5.1f%%", what, len(sorted),
+		r.sentRate(), r.receivedRate(), micros(quantile(sorted, 0.5)), micros(quantile(sorted, 0.99)), micros(quantile(sorted, 0.999)), r.cpu)
 	return r
 }
 
@@ -306,6 +395,7 @@ func (b *bench) runThroughput(ctx context.Context, g *gateway, size int) *throug
 	r.seconds = time.Since(t0).Seconds()
 	r.cpu = cpu.percent()
 	r.events, r.bytes = e1-e0, b1-b0
+	r.roundRates = []float64{float64(r.events) / r.seconds}
 	r.early = set.endedEarly()
 	set.closeAll()
 	b.drain(what)
@@ -360,6 +450,128 @@ func (b *bench) runTeardown(ctx context.Context, g *gateway) *teardownResult {
 	return r
 }
 
+// runChurn holds cfg.churnStreams idle streams and, for cfg.churnMeasure,
+// closes a random one and opens a new one cfg.churnRate times a second. For
+// every close it measures, as runTeardown does, how long until the upstream's
+// handler sees its request end, here while streams keep opening and closing
+// around it. Closes are scheduled by absolute time, so a late wake-up makes
+// the closes it owes at once instead of lowering the rate; opens run on
+// their own goroutines and do not hold the schedule up.
+func (b *bench) runChurn(ctx context.Context, g *gateway) *teardownResult {
+	n := b.cfg.churnStreams
+	what := "churn " + g.name
+	lifetime := b.cfg.churnMeasure + time.Minute
+	pathFor := func(id int) string { return fmt.Sprintf("/idle?id=%d&dur=%s", id, lifetime) }
+	base := b.teardownID
+	b.teardownID += n
+	set := openStreams(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(i int) string { return pathFor(base + i) }, nil)
+	r := &teardownResult{target: g.name, failed: set.failed}
+	type churned struct {
+		s  *stream
+		id int
+	}
+	var (
+		mu      sync.Mutex
+		alive   []churned
+		lastErr = set.lastErr
+		opens   sync.WaitGroup
+		closed  []churned
+		early   int
+	)
+	for _, s := range set.streams {
+		alive = append(alive, churned{s, base + s.id})
+	}
+	b.up.takeEnded()
+	time.Sleep(100 * time.Millisecond)
+
+	interval := time.Duration(float64(time.Second) / b.cfg.churnRate)
+	total := int(b.cfg.churnRate * b.cfg.churnMeasure.Seconds())
+	sem := make(chan struct{}, b.cfg.dialParallel)
+	start := time.Now()
+	for k := range total {
+		if ctx.Err() != nil {
+			break
+		}
+		time.Sleep(time.Until(start.Add(time.Duration(k) * interval)))
+		mu.Lock()
+		if len(alive) == 0 {
+			mu.Unlock()
+			continue
+		}
+		i := rand.IntN(len(alive))
+		c := alive[i]
+		alive[i] = alive[len(alive)-1]
+		alive = alive[:len(alive)-1]
+		mu.Unlock()
+		select {
+		case <-c.s.done:
+			// The gateway ended it first: its upstream end says nothing
+			// about a client's close.
+			early++
+			c.s.close()
+		default:
+			c.s.close()
+			closed = append(closed, c)
+		}
+		id := b.teardownID
+		b.teardownID++
+		opens.Add(1)
+		go func() {
+			defer opens.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			s, err := openStream(ctx, b.dialers, g.addr, pathFor(id), 15*time.Second)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				r.failed++
+				lastErr = err
+				return
+			}
+			go s.read()
+			alive = append(alive, churned{s, id})
+		}()
+	}
+	// The last close is due one interval before the window ends; a schedule
+	// that ran late stretches the window and lowers the rate.
+	r.seconds = max(time.Since(start), b.cfg.churnMeasure).Seconds()
+	r.closes = len(closed)
+	opens.Wait()
+	rest := &streamSet{}
+	for _, c := range alive {
+		rest.streams = append(rest.streams, c.s)
+	}
+	early += rest.endedEarly()
+	rest.closeAll()
+	b.drain(what)
+	ended := b.up.takeEnded()
+	for _, c := range closed {
+		at, ok := ended[c.id]
+		if !ok {
+			r.missing++
+			continue
+		}
+		r.samples = append(r.samples, at.Sub(c.s.closedAt).Nanoseconds())
+	}
+	if r.failed > 0 {
+		b.res.problem("%s: %d streams failed to open: %v", what, r.failed, lastErr)
+	}
+	if early > 0 {
+		b.res.problem("%s: %d streams ended before the run did", what, early)
+	}
+	if r.missing > 0 {
+		b.res.problem("%s: upstream never saw %d of %d closed streams end", what, r.missing, len(closed))
+	}
+	if rate := r.closeRate(); rate < minRateShare*b.cfg.churnRate {
+		b.res.problem("%s: closed %.0f streams/s, below %.0f %% of the stated %.0f/s", what, rate, 100*minRateShare, b.cfg.churnRate)
+	}
+	sorted := slices.Clone(r.samples)
+	slices.Sort(sorted)
+	log.Printf("%-34s closes %5d (%5.0f/s, %d alive)  p50 %7.1fµs  p99 %7.1fµs  max %7.1fµs", what, len(sorted), r.closeRate(), n,
+		micros(quantile(sorted, 0.5)), micros(quantile(sorted, 0.99)), micros(quantile(sorted, 1)))
+	return r
+}
+
 // runScale starts a fresh process per target and stream count, holds that
 // many idle streams, and measures the process's memory and CPU.
 func (b *bench) runScale(ctx context.Context) error {
@@ -408,6 +620,9 @@ func (b *bench) runScaleOnce(ctx context.Context, name string, n int) (*scaleRes
 		var err error
 		r.goLoad, err = g.goMemory()
 		r.goOK = r.goOK && err == nil
+		if err != nil {
+			b.res.problem("%s: Go memory from the admin API: %v", what, err)
+		}
 	}
 	_, _, hb0 := set.totals()
 	cpu := startCPU(g)
@@ -427,8 +642,12 @@ func (b *bench) runScaleOnce(ctx context.Context, name string, n int) (*scaleRes
 	case name != targetSSE && r.heartbeats != 0:
 		b.res.problem("%s: %d comments arrived, but only the sse target sends heartbeats", what, r.heartbeats)
 	}
-	log.Printf("%-34s rss %6.1f→%6.1f MiB  %6.2f KiB/stream  cpu %5.2f%%  heartbeats %d", what,
-		mib(r.rssBase), mib(r.rssLoad), kib(r.perStreamRSS()), r.cpu, r.heartbeats)
+	goCell := ""
+	if r.goOK {
+		goCell = fmt.Sprintf("  Go heap+stack %.2f KiB/stream", kib(r.perStreamGo()))
+	}
+	log.Printf("%-34s rss %6.1f→%6.1f MiB  %6.2f KiB/stream%s  cpu %5.2f%%  heartbeats %d", what,
+		mib(r.rssBase), mib(r.rssLoad), kib(r.perStreamRSS()), goCell, r.cpu, r.heartbeats)
 	return r, nil
 }
 
@@ -446,6 +665,27 @@ func (r *scaleResult) perStreamGo() float64 {
 		return 0
 	}
 	return (r.goLoad.heapInuse + r.goLoad.stackInuse - r.goBase.heapInuse - r.goBase.stackInuse) / float64(r.opened)
+}
+
+// minRateShare is the share of its stated rate a paced run must achieve;
+// below it the run is reported as a problem, since its figures describe a
+// lighter load than the report states.
+const minRateShare = 0.95
+
+// checkRate reports a latency run whose upstream sent, or whose clients
+// received, fewer events than the stated rate, or whose upstream gave events
+// up.
+func (b *bench) checkRate(what string, r *latencyResult) {
+	floor := minRateShare * b.cfg.eventRate
+	if r.sentRate() < floor {
+		b.res.problem("%s: the upstream sent %.0f events/s, below %.0f %% of the stated %.0f/s", what, r.sentRate(), 100*minRateShare, b.cfg.eventRate)
+	}
+	if r.receivedRate() < floor {
+		b.res.problem("%s: the clients received %.0f events/s, below %.0f %% of the stated %.0f/s", what, r.receivedRate(), 100*minRateShare, b.cfg.eventRate)
+	}
+	if r.skipped > 0 {
+		b.res.problem("%s: the upstream fell more than %s behind and skipped %d events", what, maxLag, r.skipped)
+	}
 }
 
 // checkSet reports streams that failed to open or ended on their own.

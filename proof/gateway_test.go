@@ -192,7 +192,7 @@ func (g *gateway) streamEnds(t *testing.T) []streamEnd {
 	t.Helper()
 	var ends []streamEnd
 	for _, line := range g.sseLog(t) {
-		if !bytes.Contains(line, []byte(`"stream ended"`)) {
+		if !bytes.Contains(line, []byte(`"stream ended"`)) && !bytes.Contains(line, []byte(`"upstream broke the stream"`)) {
 			continue
 		}
 		var e streamEnd

@@ -1,0 +1,5 @@
+//go:build !race
+
+package caddysse
+
+const raceEnabled = false
