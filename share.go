@@ -781,7 +781,7 @@ func (hb *hub) appendEvent(data []byte, id string, ownID bool) {
 	// their backlog themselves.
 	for sub := range hb.subs {
 		if sub.writing.Load() && hb.lastStart-sub.posStart > sub.allow && !sub.dropped.Swap(true) {
-			sub.s.cutFor(reasonSlowClient)
+			sub.s.cutSlowClient()
 		}
 	}
 }

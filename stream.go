@@ -154,11 +154,10 @@ type stream struct {
 	eventWrites int32
 	ctlIDs      int32 // ids with control characters seen when last reported
 
-	// cutting is set when the drain's hard stop cuts the stream; cutReason,
-	// set first, says why when it is not the drain (a shared stream's slow
-	// client).
-	cutting   atomic.Bool
-	cutReason atomic.Pointer[endReason]
+	// cutting is set when the drain's hard stop cuts the stream; cutSlow,
+	// set first, when it is a shared stream's slow client instead.
+	cutting atomic.Bool
+	cutSlow atomic.Bool
 	// clientGoneAt is when the client was found gone (Unix ns), so the
 	// teardown that follows can be timed.
 	clientGoneAt atomic.Int64
@@ -582,8 +581,8 @@ func (s *stream) failLocked(err error) {
 	switch {
 	case s.cutting.Load():
 		reason = reasonDrain
-		if r := s.cutReason.Load(); r != nil {
-			reason = *r
+		if s.cutSlow.Load() {
+			reason = reasonSlowClient
 		}
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		reason = reasonWriteTimeout
@@ -667,9 +666,9 @@ func (s *stream) cut() {
 	s.cutNow()
 }
 
-// cutFor cuts the stream for another reason than the drain.
-func (s *stream) cutFor(reason endReason) {
-	s.cutReason.CompareAndSwap(nil, &reason)
+// cutSlowClient cuts a shared stream's client that fell too far behind.
+func (s *stream) cutSlowClient() {
+	s.cutSlow.Store(true)
 	s.cutting.Store(true)
 	s.cutNow()
 }
@@ -708,6 +707,9 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 		case s.cutting.Load():
 			// The drain's hard stop cancelled the upstream.
 			s.reason = reasonDrain
+			if s.cutSlow.Load() {
+				s.reason = reasonSlowClient
+			}
 		case s.req.Context().Err() != nil:
 			s.reason = reasonClientGone
 		case upstreamFailed || s.decoder != nil && s.decoder.err != nil:
