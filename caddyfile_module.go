@@ -41,6 +41,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    retry_statuses         <code|4xx|5xx>...|off
 //	    max_stream_rate        <n per second>
 //	    retry_bounds           <min> <max>
+//	    share [<key>] {
+//	        replay      <events>
+//	        linger      <duration>
+//	        assign_ids
+//	        max_backlog <size>
+//	    }
 //	}
 //
 // Every option may appear once. Without a block, all defaults apply.
@@ -63,6 +69,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			if _, err := parseRetryStatuses(h.RetryStatuses); err != nil {
 				return d.Err(err.Error())
+			}
+			continue
+		}
+		if option == "share" {
+			if err := h.unmarshalShare(d); err != nil {
+				return err
 			}
 			continue
 		}

@@ -169,6 +169,11 @@ type Handler struct {
 	// legacy servers.
 	RetryBounds []caddy.Duration `json:"retry_bounds,omitempty"`
 
+	// Share, when set, shares one upstream request among all the clients
+	// that ask for the same stream (see ShareConfig and share.go).
+	// Default: unset, every client gets its own upstream request.
+	Share *ShareConfig `json:"share,omitempty"`
+
 	heartbeatLine []byte // ":" + HeartbeatText + "\n\n"
 	retryStatus   func(status int) bool
 	jitter        float64
@@ -177,6 +182,7 @@ type Handler struct {
 	logger        *zap.Logger
 	warnOpaque    *sync.Once // logs the undecodable-upstream warning once
 	quirks        *quirkReports
+	hubs          *hubSet // shared streams, when Share is set
 }
 
 // Defaults of the options that have one.
@@ -233,6 +239,10 @@ func (h *Handler) Provision(ctx caddy.Context) (err error) {
 		h.clock = realClock{}
 	}
 	h.streams = newStreamSet(h.clock, h.MaxStreamRate)
+	if h.Share != nil {
+		h.Share.provision()
+		h.hubs = newHubSet(h)
+	}
 	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
 		srv.RegisterConnContext(withConn)
 		srv.RegisterOnShutdown(h.drain)
@@ -275,6 +285,11 @@ func (h *Handler) Validate() error {
 	if b := h.RetryBounds; b != nil && (len(b) != 2 || b[0] < 0 || b[1] < b[0]) {
 		return fmt.Errorf("retry_bounds: want a minimum and a maximum duration, the minimum not above the maximum, got %v", b)
 	}
+	if h.Share != nil {
+		if err := h.Share.validate(); err != nil {
+			return err
+		}
+	}
 	if strings.ContainsAny(h.HeartbeatText, "\r\n") {
 		return fmt.Errorf("heartbeat_text: must not contain CR or LF")
 	}
@@ -297,6 +312,9 @@ func (h *Handler) Cleanup() error {
 func (h *Handler) drain() {
 	if h.streams != nil {
 		h.streams.drain(time.Duration(h.DrainWindow))
+	}
+	if h.hubs != nil {
+		h.hubs.drain(time.Duration(h.DrainWindow))
 	}
 }
 
@@ -324,6 +342,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 	}
 	defer h.streams.release(s)
+	if h.hubs != nil && s.askedForStream && !s.head && r.Method == http.MethodGet {
+		next = h.hubs.feeder(s, next)
+	}
 	return s.serve(next)
 }
 

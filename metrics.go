@@ -22,6 +22,14 @@ var sseMetrics = struct {
 	duration   prometheus.Histogram
 	teardown   prometheus.Histogram
 	quirks     *prometheus.CounterVec
+
+	// Shared streams (share.go).
+	hubs         prometheus.Gauge
+	subscribers  prometheus.Gauge
+	reconnects   prometheus.Counter
+	replayed     prometheus.Counter
+	replayMisses prometheus.Counter
+	slowDrops    prometheus.Counter
 }{}
 
 func initMetrics(registry *prometheus.Registry) error {
@@ -66,6 +74,30 @@ func initMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "upstream_quirks_total",
 			Help: "Streams whose upstream showed a legacy server's quirk (content_type_params, content_length, id_control_chars, buffered).",
 		}, []string{"quirk"})
+		m.hubs = prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "shared_upstreams_open",
+			Help: "Shared streams (share) with an upstream request open or being retried.",
+		})
+		m.subscribers = prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "shared_subscribers",
+			Help: "Clients of shared streams.",
+		})
+		m.reconnects = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "shared_upstream_reconnects_total",
+			Help: "Times a shared stream asked its upstream again after it ended or broke.",
+		})
+		m.replayed = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "shared_replayed_events_total",
+			Help: "Events replayed to clients of shared streams that came back with Last-Event-ID.",
+		})
+		m.replayMisses = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "shared_replay_misses_total",
+			Help: "Clients of shared streams whose Last-Event-ID was not among the kept events.",
+		})
+		m.slowDrops = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "shared_slow_drops_total",
+			Help: "Clients of shared streams closed for falling more than max_backlog behind.",
+		})
 		for _, q := range allQuirks {
 			m.quirks.WithLabelValues(string(q))
 		}
@@ -77,7 +109,8 @@ func initMetrics(registry *prometheus.Registry) error {
 			m.refused.WithLabelValues(string(r))
 		}
 	})
-	for _, c := range []prometheus.Collector{m.active, m.ended, m.refused, m.events, m.bytes, m.heartbeats, m.duration, m.teardown, m.quirks} {
+	for _, c := range []prometheus.Collector{m.active, m.ended, m.refused, m.events, m.bytes, m.heartbeats, m.duration, m.teardown, m.quirks,
+		m.hubs, m.subscribers, m.reconnects, m.replayed, m.replayMisses, m.slowDrops} {
 		var already prometheus.AlreadyRegisteredError
 		if err := registry.Register(c); err != nil && !errors.As(err, &already) {
 			return err

@@ -154,8 +154,10 @@ type stream struct {
 	eventWrites int32
 	ctlIDs      int32 // ids with control characters seen when last reported
 
-	// cutting is set when the drain's hard stop cuts the stream.
+	// cutting is set when the drain's hard stop cuts the stream; cutSlow,
+	// set first, when it is a shared stream's slow client instead.
 	cutting atomic.Bool
+	cutSlow atomic.Bool
 	// clientGoneAt is when the client was found gone (Unix ns), so the
 	// teardown that follows can be timed.
 	clientGoneAt atomic.Int64
@@ -579,6 +581,9 @@ func (s *stream) failLocked(err error) {
 	switch {
 	case s.cutting.Load():
 		reason = reasonDrain
+		if s.cutSlow.Load() {
+			reason = reasonSlowClient
+		}
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		reason = reasonWriteTimeout
 	}
@@ -658,6 +663,17 @@ var errCut = errors.New("sse: stream cut at the end of the drain window")
 // still open after the drain window.
 func (s *stream) cut() {
 	s.cutting.Store(true)
+	s.cutNow()
+}
+
+// cutSlowClient cuts a shared stream's client that fell too far behind.
+func (s *stream) cutSlowClient() {
+	s.cutSlow.Store(true)
+	s.cutting.Store(true)
+	s.cutNow()
+}
+
+func (s *stream) cutNow() {
 	s.cancelUpstream(errGatewayClosed)
 	if d, ok := s.base.(interface{ SetWriteDeadline(time.Time) error }); ok {
 		_ = d.SetWriteDeadline(time.Unix(1, 0))
@@ -691,6 +707,9 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 		case s.cutting.Load():
 			// The drain's hard stop cancelled the upstream.
 			s.reason = reasonDrain
+			if s.cutSlow.Load() {
+				s.reason = reasonSlowClient
+			}
 		case s.req.Context().Err() != nil:
 			s.reason = reasonClientGone
 		case upstreamFailed || s.decoder != nil && s.decoder.err != nil:
