@@ -100,14 +100,6 @@ const (
 	replayHeader = "X-SSE-Replay"
 )
 
-// reasonSlowClient: a client of a shared stream fell more than max_backlog
-// behind.
-const reasonSlowClient endReason = "slow_client"
-
-func init() {
-	streamEndReasons = append(streamEndReasons, reasonSlowClient)
-}
-
 // provisionShare sets the share defaults.
 func (c *ShareConfig) provision() {
 	if c.Replay == nil {

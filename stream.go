@@ -69,6 +69,9 @@ const (
 	reasonUpstreamEnd   endReason = "upstream_end"
 	reasonUpstreamError endReason = "upstream_error"
 	reasonWriteTimeout  endReason = "write_timeout"
+	// reasonSlowClient: a client of a shared stream fell more than
+	// max_backlog behind (share.go).
+	reasonSlowClient endReason = "slow_client"
 	// The gateway closed it.
 	reasonIdleTimeout endReason = "idle_timeout"
 	reasonMaxLifetime endReason = "max_lifetime"
@@ -87,7 +90,7 @@ const (
 // with; refusalReasons those a request is turned away with.
 var (
 	streamEndReasons = []endReason{reasonClientGone, reasonUpstreamEnd, reasonUpstreamError,
-		reasonWriteTimeout, reasonIdleTimeout, reasonMaxLifetime, reasonDrain}
+		reasonWriteTimeout, reasonSlowClient, reasonIdleTimeout, reasonMaxLifetime, reasonDrain}
 	refusalReasons = []endReason{reasonMaxStreams, reasonMaxStreamsPerClient, reasonMaxStreamRate,
 		reasonUpstreamTimeout, reasonUpstreamStatus, reasonDrain}
 )
