@@ -3,6 +3,7 @@ package proof
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"runtime"
 	"slices"
 	"sort"
@@ -182,6 +183,24 @@ func ms(d time.Duration) string {
 	return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond))
 }
 
+// sourceCommit names the commit of the repository the run tested, and
+// whether files other than the generated docs had uncommitted changes.
+func sourceCommit() string {
+	head, err := exec.Command("git", "rev-parse", "--short=12", "HEAD").Output()
+	if err != nil {
+		return "Source commit unknown (no git repository)."
+	}
+	commit := strings.TrimSpace(string(head))
+	status, err := exec.Command("git", "status", "--porcelain", "--", "..", ":!../docs").Output()
+	switch {
+	case err != nil:
+		return fmt.Sprintf("Tested commit `%s`; whether it had uncommitted changes is unknown.", commit)
+	case len(strings.TrimSpace(string(status))) > 0:
+		return fmt.Sprintf("Tested commit `%s` with uncommitted changes.", commit)
+	}
+	return fmt.Sprintf("Tested commit `%s`, with no uncommitted changes.", commit)
+}
+
 // render writes the report as Markdown.
 func (p *proofReport) render(exitCode int) string {
 	p.mu.Lock()
@@ -195,9 +214,9 @@ func (p *proofReport) render(exitCode int) string {
 	b.WriteString("and an upstream of its own on loopback that records the moment it observes each request's connection end. ")
 	b.WriteString("A *teardown* is the time from the event named in the case to that moment. ")
 	b.WriteString("The fuzz target for event-boundary tracking lives in the root package and is not part of this report.\n\n")
-	fmt.Fprintf(&b, "Last run: %s UTC, %s, %s/%s, %d CPUs, race detector %s, `go test` exit code %d, %s.\n\n",
+	fmt.Fprintf(&b, "Last run: %s UTC, %s, %s/%s, %d CPUs, race detector %s, `go test` exit code %d, %s. %s\n\n",
 		p.started.UTC().Format("2006-01-02 15:04"), runtime.Version(), runtime.GOOS, runtime.GOARCH,
-		runtime.NumCPU(), onOff(raceEnabled), exitCode, time.Since(p.started).Round(time.Second))
+		runtime.NumCPU(), onOff(raceEnabled), exitCode, time.Since(p.started).Round(time.Second), sourceCommit())
 	b.WriteString("| Case | What is asserted | Result | Teardown from | n | p50 | p99 | Other figures |\n")
 	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- |\n")
 	for _, c := range cases {
