@@ -117,6 +117,180 @@ func TestDemoPageAndStream(t *testing.T) {
 	}
 }
 
+// TestDemoSharedStream checks the shared route over plain HTTP: two
+// subscribers share one upstream connection; an upstream restart reaches
+// neither (both keep their responses and get every event once, in order);
+// a subscriber that comes back with Last-Event-ID gets what it missed.
+func TestDemoSharedStream(t *testing.T) {
+	demo := startDemo(t)
+
+	a := demo.subscribe(t, "", "")
+	a.next(t, 1*time.Second+slack)
+	b := demo.subscribe(t, "", "")
+	a.next(t, 1*time.Second+slack)
+	b.next(t, 1*time.Second+slack)
+	if stats := demo.stats(t); stats.OpenShared != 1 || stats.TotalOpenedShared != 1 {
+		t.Fatalf("with two subscribers the upstream has %d shared connections open, %d opened in all; want 1 and 1", stats.OpenShared, stats.TotalOpenedShared)
+	}
+
+	// The restart drops the upstream connection and refuses for 2s; the
+	// gateway asks again until it is back. Both subscribers wait for three
+	// events from the new upstream connection.
+	post(t, demo.pageURL+"demo/restart?for=2s")
+	firstConn := a.events[0].tick.Conn
+	for _, sub := range []*sharedSubscriber{a, b} {
+		for fresh := 0; fresh < 3; {
+			if sub.next(t, 2*time.Second+4*time.Second+slack).tick.Conn != firstConn {
+				fresh++
+			}
+		}
+	}
+	if stats := demo.stats(t); stats.OpenShared != 1 || stats.TotalOpenedShared != 2 {
+		t.Errorf("after the restart the upstream has %d shared connections open, %d opened in all; want 1 and 2", stats.OpenShared, stats.TotalOpenedShared)
+	}
+	for _, sub := range []*sharedSubscriber{a, b} {
+		checkConsecutive(t, sub.name, sub.events)
+	}
+	// b joined later; from its first event on, both got the same events.
+	checkSame(t, "b", b.events, a.events)
+
+	// b leaves; a gets three more events; b comes back with the id of its
+	// last event and gets the three it missed, then goes on live.
+	b.close()
+	missedFrom := len(a.events)
+	for range 3 {
+		a.next(t, 1*time.Second+slack)
+	}
+	missed := a.events[missedFrom:]
+	c := demo.subscribe(t, "c", b.events[len(b.events)-1].id)
+	if got := c.resp.Header.Get("X-SSE-Replay"); got == "miss" {
+		t.Fatalf("the reconnect's Last-Event-ID was not among the kept events (X-SSE-Replay: %s)", got)
+	}
+	for range len(missed) + 1 {
+		c.next(t, 1*time.Second+slack)
+	}
+	checkSame(t, "c", c.events[:len(missed)], missed)
+	checkConsecutive(t, "b then c", append(b.events, c.events...))
+	if stats := demo.stats(t); stats.TotalOpenedShared != 2 {
+		t.Errorf("the upstream opened %d shared connections in all, want 2", stats.TotalOpenedShared)
+	}
+}
+
+// sharedEvent is one event of the shared route: the gateway's id and the
+// upstream's data.
+type sharedEvent struct {
+	id   string
+	tick tickEvent
+}
+
+// sharedSubscriber is a client of /shared/events.
+type sharedSubscriber struct {
+	name   string
+	resp   *http.Response
+	lines  *lineReader
+	events []sharedEvent
+	close  context.CancelFunc
+}
+
+// subscribe opens /shared/events, with Last-Event-ID if lastEventID is set.
+func (d *runningDemo) subscribe(t *testing.T, name, lastEventID string) *sharedSubscriber {
+	t.Helper()
+	if name == "" {
+		name = string(rune('a' + d.subscribers))
+	}
+	d.subscribers++
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.pageURL+"shared/events", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A shared stream is for requests that ask for one, as EventSource does.
+	req.Header.Set("Accept", "text/event-stream")
+	if lastEventID != "" {
+		req.Header.Set("Last-Event-ID", lastEventID)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s: opening the shared stream: %v", name, err)
+	}
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("%s: shared stream: status %d, Content-Type %q", name, resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	return &sharedSubscriber{name: name, resp: resp, lines: readLines(resp.Body), close: cancel}
+}
+
+// next reads the subscriber's next event (heartbeats are skipped); the
+// stream must not end.
+func (s *sharedSubscriber) next(t *testing.T, within time.Duration) sharedEvent {
+	t.Helper()
+	var ev sharedEvent
+	s.lines.waitFor(t, s.name+"'s next event", within, func(l string) bool {
+		switch {
+		case strings.HasPrefix(l, "id: "):
+			ev.id = strings.TrimPrefix(l, "id: ")
+		case strings.HasPrefix(l, "data: "):
+			if err := json.Unmarshal([]byte(strings.TrimPrefix(l, "data: ")), &ev.tick); err != nil {
+				t.Fatalf("%s: event data %q: %v", s.name, l, err)
+			}
+		case strings.HasPrefix(l, "event: "), strings.HasPrefix(l, "retry: "):
+			t.Fatalf("%s: got %q: the gateway is closing the shared stream", s.name, l)
+		}
+		return l == "" && ev.id != ""
+	})
+	s.events = append(s.events, ev)
+	return ev
+}
+
+// checkConsecutive checks that events are the gateway's ids in sequence,
+// without gap or repeat, and that each upstream connection's events are
+// there from the first one the subscriber saw, without gap or repeat.
+func checkConsecutive(t *testing.T, name string, events []sharedEvent) {
+	t.Helper()
+	for i := 1; i < len(events); i++ {
+		prev, cur := events[i-1], events[i]
+		prefix, prevSeq := splitID(t, prev.id)
+		curPrefix, curSeq := splitID(t, cur.id)
+		if curPrefix != prefix || curSeq != prevSeq+1 {
+			t.Errorf("%s: event id %s follows %s, want the next number", name, cur.id, prev.id)
+		}
+		if cur.tick.Conn == prev.tick.Conn && cur.tick.N != prev.tick.N+1 {
+			t.Errorf("%s: upstream connection #%d's event %d follows its event %d", name, cur.tick.Conn, cur.tick.N, prev.tick.N)
+		}
+		if cur.tick.Conn != prev.tick.Conn && cur.tick.N != 1 {
+			t.Errorf("%s: the first event of upstream connection #%d is its number %d, want 1", name, cur.tick.Conn, cur.tick.N)
+		}
+	}
+}
+
+// checkSame checks that got are the events of want from got's first event
+// on.
+func checkSame(t *testing.T, name string, got, want []sharedEvent) {
+	t.Helper()
+	for i, ev := range want {
+		if ev.id == got[0].id {
+			want = want[i:]
+			break
+		}
+	}
+	for i := range min(len(got), len(want)) {
+		if got[i] != want[i] {
+			t.Fatalf("%s's event %d is %+v, want %+v", name, i, got[i], want[i])
+		}
+	}
+}
+
+// splitID splits a gateway-assigned id, prefix-number.
+func splitID(t *testing.T, id string) (string, int) {
+	t.Helper()
+	i := strings.LastIndexByte(id, '-')
+	n, ok := atoi(id[i+1:])
+	if i < 0 || !ok {
+		t.Fatalf("event id %q is not one the gateway assigned", id)
+	}
+	return id[:i], n
+}
+
 // TestDemoPageInHeadlessChromium drives the page in headless Chromium: events
 // render, the raw tap counts heartbeats, the gateway's idle close shows with
 // its reason, the browser reconnects and the upstream receives its
@@ -210,8 +384,9 @@ func TestDemoPageInHeadlessChromium(t *testing.T) {
 
 // runningDemo is a demo started by startDemo.
 type runningDemo struct {
-	pageURL string
-	out     *syncBuffer
+	pageURL     string
+	out         *syncBuffer
+	subscribers int
 }
 
 // startDemo runs the demo on free loopback ports until the test ends.
@@ -257,6 +432,11 @@ func startDemo(t *testing.T) *runningDemo {
 
 func (d *runningDemo) upstreamOpen(t *testing.T) int {
 	t.Helper()
+	return d.stats(t).Open
+}
+
+func (d *runningDemo) stats(t *testing.T) upstreamStats {
+	t.Helper()
 	resp, body := get(t, d.pageURL+"demo/stats")
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("/demo/stats: status %d", resp.StatusCode)
@@ -265,7 +445,7 @@ func (d *runningDemo) upstreamOpen(t *testing.T) int {
 	if err := json.Unmarshal([]byte(body), &stats); err != nil {
 		t.Fatalf("/demo/stats: %v in %q", err, body)
 	}
-	return stats.Open
+	return stats
 }
 
 // waitUpstreamOpen waits until the upstream reports want open connections.
@@ -306,9 +486,14 @@ func get(t *testing.T, url string) (*http.Response, string) {
 
 func postQuiet(t *testing.T, pageURL, quietFor string) {
 	t.Helper()
+	post(t, pageURL+"demo/quiet?for="+quietFor)
+}
+
+func post(t *testing.T, url string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, pageURL+"demo/quiet?for="+quietFor, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -318,7 +503,7 @@ func postQuiet(t *testing.T, pageURL, quietFor string) {
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("POST /demo/quiet: status %d", resp.StatusCode)
+		t.Fatalf("POST %s: status %d", url, resp.StatusCode)
 	}
 }
 
