@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"image/png"
 	"io"
 	"net/http"
@@ -28,6 +29,9 @@ const (
 	idleTimeout       = 6 * time.Second
 	retryMillis       = "1000"
 	closeEventType    = "gateway-close"
+	// sharedLinger is how long the shared route keeps its upstream
+	// connection after the last client left.
+	sharedLinger = 2 * time.Second
 	// slack absorbs scheduling delays on a busy machine; every wait is
 	// still bounded.
 	slack = 3 * time.Second
@@ -247,13 +251,13 @@ func (s *sharedSubscriber) next(t *testing.T, within time.Duration) sharedEvent 
 // there from the first one the subscriber saw, without gap or repeat.
 func checkConsecutive(t *testing.T, name string, events []sharedEvent) {
 	t.Helper()
+	ids := make([]string, len(events))
+	for i, ev := range events {
+		ids[i] = ev.id
+	}
+	checkIDsConsecutive(t, name, ids)
 	for i := 1; i < len(events); i++ {
 		prev, cur := events[i-1], events[i]
-		prefix, prevSeq := splitID(t, prev.id)
-		curPrefix, curSeq := splitID(t, cur.id)
-		if curPrefix != prefix || curSeq != prevSeq+1 {
-			t.Errorf("%s: event id %s follows %s, want the next number", name, cur.id, prev.id)
-		}
 		if cur.tick.Conn == prev.tick.Conn && cur.tick.N != prev.tick.N+1 {
 			t.Errorf("%s: upstream connection #%d's event %d follows its event %d", name, cur.tick.Conn, cur.tick.N, prev.tick.N)
 		}
@@ -374,12 +378,91 @@ func TestDemoPageInHeadlessChromium(t *testing.T) {
 		t.Logf("screenshot written to %s (%d bytes)", *screenshotPath, len(shot))
 	}
 
-	// Closing the tab closes both of its streams; the gateway must tear
-	// both upstream connections down at once.
+	// Closing the tab closes all of its streams; the gateway must tear
+	// the two of /events down at once, and the shared one after its linger.
 	closeTab()
 	closedAt := time.Now()
-	demo.waitUpstreamOpen(t, 0, 2*time.Second)
-	t.Logf("the upstream's open connections were back to 0 %s after the tab closed", time.Since(closedAt).Round(time.Millisecond))
+	demo.waitStats(t, "no connection on /events", 2*time.Second, func(s upstreamStats) bool { return s.Open-s.OpenShared == 0 })
+	t.Logf("the upstream's open connections on /events were back to 0 %s after the tab closed", time.Since(closedAt).Round(time.Millisecond))
+	demo.waitUpstreamOpen(t, 0, sharedLinger+slack)
+	t.Logf("and the shared one was gone %s after the tab closed (linger %s)", time.Since(closedAt).Round(time.Millisecond), sharedLinger)
+}
+
+// TestDemoSharedSectionInHeadlessChromium drives the page's shared section:
+// its two EventSources make one upstream connection; "Restart upstream"
+// reaches neither (no error event, no reconnect, ids in sequence); "Close
+// tab B for 5 s" brings B back with ?lastEventId= and B gets the events it
+// missed.
+func TestDemoSharedSectionInHeadlessChromium(t *testing.T) {
+	browser := headless.Chromium(t)
+	demo := startDemo(t)
+
+	allocCtx, cancelAlloc := headless.Allocator(browser, t.TempDir(), chromedp.WindowSize(1200, 720))
+	defer cancelAlloc()
+	tabCtx, cancelTab := chromedp.NewContext(allocCtx)
+	defer cancelTab()
+	tabCtx, cancelTimeout := context.WithTimeout(tabCtx, 90*time.Second)
+	defer cancelTimeout()
+	if err := chromedp.Do(tabCtx, chromedp.Navigate(demo.pageURL)); err != nil {
+		t.Fatalf("opening %s with %s: %v", demo.pageURL, browser, err)
+	}
+
+	before := waitForPage(t, tabCtx, "two events in both tabs, one shared upstream connection", 2*time.Second+slack, func(s pageState) bool {
+		a, b := s.Shared.Tabs["A"], s.Shared.Tabs["B"]
+		return len(a.IDs) >= 2 && len(b.IDs) >= 2 && s.Shared.UpstreamOpen != nil && *s.Shared.UpstreamOpen == 1
+	})
+	firstConn := before.Shared.Tabs["A"].Conn
+
+	if err := chromedp.Do(tabCtx, chromedp.Click(chromedp.ID("restart"))); err != nil {
+		t.Fatal(err)
+	}
+	// 3s of 503 and the gateway's backoff, then events from the new
+	// upstream connection.
+	after := waitForPage(t, tabCtx, "both tabs on the new upstream connection", 3*time.Second+4*time.Second+slack, func(s pageState) bool {
+		a, b := s.Shared.Tabs["A"], s.Shared.Tabs["B"]
+		return a.Conn != firstConn && b.Conn != firstConn && len(a.IDs) >= len(before.Shared.Tabs["A"].IDs)+2
+	})
+	if after.Shared.UpstreamOpened == nil || *after.Shared.UpstreamOpened != 2 || *after.Shared.UpstreamOpen != 1 {
+		t.Errorf("after the restart the page shows %v shared upstream connections open, %v opened in all; want 1 and 2", after.Shared.UpstreamOpen, after.Shared.UpstreamOpened)
+	}
+	for name, tab := range after.Shared.Tabs {
+		if tab.Errors != 0 || tab.Opens != 1 || tab.State != "open" {
+			t.Errorf("tab %s noticed the restart: %+v", name, tab)
+		}
+		checkIDsConsecutive(t, "tab "+name, tab.IDs)
+	}
+
+	if err := chromedp.Do(tabCtx, chromedp.Click(chromedp.ID("reopen-b"))); err != nil {
+		t.Fatal(err)
+	}
+	replayed := waitForPage(t, tabCtx, "tab B back with the events it missed", 5*time.Second+slack, func(s pageState) bool {
+		return len(s.Shared.Replays) == 1 && s.Shared.Replays[0].Done
+	})
+	r := replayed.Shared.Replays[0]
+	if !r.OK || len(r.Missed) < 3 {
+		t.Errorf("tab B came back after %s and got %q; it missed %q (want at least 3)", r.LastEventID, r.Got, r.Missed)
+	}
+	checkIDsConsecutive(t, "tab B", replayed.Shared.Tabs["B"].IDs)
+	text, err := chromedp.Run(tabCtx, chromedp.Text(chromedp.ID("shared")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "events it missed"; !strings.Contains(text, want) {
+		t.Errorf("the shared section does not show %q", want)
+	}
+}
+
+// checkIDsConsecutive checks that ids are the gateway's, in sequence,
+// without gap or repeat.
+func checkIDsConsecutive(t *testing.T, name string, ids []string) {
+	t.Helper()
+	for i := 1; i < len(ids); i++ {
+		prefix, prevSeq := splitID(t, ids[i-1])
+		curPrefix, curSeq := splitID(t, ids[i])
+		if curPrefix != prefix || curSeq != prevSeq+1 {
+			t.Errorf("%s: event id %s follows %s, want the next number", name, ids[i], ids[i-1])
+		}
+	}
 }
 
 // runningDemo is a demo started by startDemo.
@@ -451,14 +534,20 @@ func (d *runningDemo) stats(t *testing.T) upstreamStats {
 // waitUpstreamOpen waits until the upstream reports want open connections.
 func (d *runningDemo) waitUpstreamOpen(t *testing.T, want int, within time.Duration) {
 	t.Helper()
+	d.waitStats(t, fmt.Sprintf("%d open connections", want), within, func(s upstreamStats) bool { return s.Open == want })
+}
+
+// waitStats waits until the upstream's stats satisfy cond.
+func (d *runningDemo) waitStats(t *testing.T, what string, within time.Duration, cond func(upstreamStats) bool) {
+	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
-		open := d.upstreamOpen(t)
-		if open == want {
+		stats := d.stats(t)
+		if cond(stats) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the upstream still has %d open connections %s later, want %d", open, within, want)
+			t.Fatalf("the upstream does not report %s %s later: %+v", what, within, stats)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -597,6 +686,24 @@ type pageState struct {
 	LastEventID  string `json:"lastEventId"`
 	UpstreamOpen *int   `json:"upstreamOpen"`
 	ESState      string `json:"esState"`
+	Shared       struct {
+		UpstreamOpen   *int `json:"upstreamOpen"`
+		UpstreamOpened *int `json:"upstreamOpened"`
+		Tabs           map[string]struct {
+			State  string   `json:"state"`
+			Opens  int      `json:"opens"`
+			Errors int      `json:"errors"`
+			IDs    []string `json:"ids"`
+			Conn   int      `json:"conn"`
+		} `json:"tabs"`
+		Replays []struct {
+			LastEventID string   `json:"lastEventId"`
+			Missed      []string `json:"missed"`
+			Got         []string `json:"got"`
+			Done        bool     `json:"done"`
+			OK          bool     `json:"ok"`
+		} `json:"replays"`
+	} `json:"shared"`
 }
 
 // String shows the state as the page's JSON, for failure messages.
