@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"image/png"
 	"io"
 	"net/http"
@@ -28,6 +29,9 @@ const (
 	idleTimeout       = 6 * time.Second
 	retryMillis       = "1000"
 	closeEventType    = "gateway-close"
+	// sharedLinger is how long the shared route keeps its upstream
+	// connection after the last client left.
+	sharedLinger = 2 * time.Second
 	// slack absorbs scheduling delays on a busy machine; every wait is
 	// still bounded.
 	slack = 3 * time.Second
@@ -117,6 +121,180 @@ func TestDemoPageAndStream(t *testing.T) {
 	}
 }
 
+// TestDemoSharedStream checks the shared route over plain HTTP: two
+// subscribers share one upstream connection; an upstream restart reaches
+// neither (both keep their responses and get every event once, in order);
+// a subscriber that comes back with Last-Event-ID gets what it missed.
+func TestDemoSharedStream(t *testing.T) {
+	demo := startDemo(t)
+
+	a := demo.subscribe(t, "", "")
+	a.next(t, 1*time.Second+slack)
+	b := demo.subscribe(t, "", "")
+	a.next(t, 1*time.Second+slack)
+	b.next(t, 1*time.Second+slack)
+	if stats := demo.stats(t); stats.OpenShared != 1 || stats.TotalOpenedShared != 1 {
+		t.Fatalf("with two subscribers the upstream has %d shared connections open, %d opened in all; want 1 and 1", stats.OpenShared, stats.TotalOpenedShared)
+	}
+
+	// The restart drops the upstream connection and refuses for 2s; the
+	// gateway asks again until it is back. Both subscribers wait for three
+	// events from the new upstream connection.
+	post(t, demo.pageURL+"demo/restart?for=2s")
+	firstConn := a.events[0].tick.Conn
+	for _, sub := range []*sharedSubscriber{a, b} {
+		for fresh := 0; fresh < 3; {
+			if sub.next(t, 2*time.Second+4*time.Second+slack).tick.Conn != firstConn {
+				fresh++
+			}
+		}
+	}
+	if stats := demo.stats(t); stats.OpenShared != 1 || stats.TotalOpenedShared != 2 {
+		t.Errorf("after the restart the upstream has %d shared connections open, %d opened in all; want 1 and 2", stats.OpenShared, stats.TotalOpenedShared)
+	}
+	for _, sub := range []*sharedSubscriber{a, b} {
+		checkConsecutive(t, sub.name, sub.events)
+	}
+	// b joined later; from its first event on, both got the same events.
+	checkSame(t, "b", b.events, a.events)
+
+	// b leaves; a gets three more events; b comes back with the id of its
+	// last event and gets the three it missed, then goes on live.
+	b.close()
+	missedFrom := len(a.events)
+	for range 3 {
+		a.next(t, 1*time.Second+slack)
+	}
+	missed := a.events[missedFrom:]
+	c := demo.subscribe(t, "c", b.events[len(b.events)-1].id)
+	if got := c.resp.Header.Get("X-SSE-Replay"); got == "miss" {
+		t.Fatalf("the reconnect's Last-Event-ID was not among the kept events (X-SSE-Replay: %s)", got)
+	}
+	for range len(missed) + 1 {
+		c.next(t, 1*time.Second+slack)
+	}
+	checkSame(t, "c", c.events[:len(missed)], missed)
+	checkConsecutive(t, "b then c", append(b.events, c.events...))
+	if stats := demo.stats(t); stats.TotalOpenedShared != 2 {
+		t.Errorf("the upstream opened %d shared connections in all, want 2", stats.TotalOpenedShared)
+	}
+}
+
+// sharedEvent is one event of the shared route: the gateway's id and the
+// upstream's data.
+type sharedEvent struct {
+	id   string
+	tick tickEvent
+}
+
+// sharedSubscriber is a client of /shared/events.
+type sharedSubscriber struct {
+	name   string
+	resp   *http.Response
+	lines  *lineReader
+	events []sharedEvent
+	close  context.CancelFunc
+}
+
+// subscribe opens /shared/events, with Last-Event-ID if lastEventID is set.
+func (d *runningDemo) subscribe(t *testing.T, name, lastEventID string) *sharedSubscriber {
+	t.Helper()
+	if name == "" {
+		name = string(rune('a' + d.subscribers))
+	}
+	d.subscribers++
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.pageURL+"shared/events", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A shared stream is for requests that ask for one, as EventSource does.
+	req.Header.Set("Accept", "text/event-stream")
+	if lastEventID != "" {
+		req.Header.Set("Last-Event-ID", lastEventID)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s: opening the shared stream: %v", name, err)
+	}
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("%s: shared stream: status %d, Content-Type %q", name, resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	return &sharedSubscriber{name: name, resp: resp, lines: readLines(resp.Body), close: cancel}
+}
+
+// next reads the subscriber's next event (heartbeats are skipped); the
+// stream must not end.
+func (s *sharedSubscriber) next(t *testing.T, within time.Duration) sharedEvent {
+	t.Helper()
+	var ev sharedEvent
+	s.lines.waitFor(t, s.name+"'s next event", within, func(l string) bool {
+		switch {
+		case strings.HasPrefix(l, "id: "):
+			ev.id = strings.TrimPrefix(l, "id: ")
+		case strings.HasPrefix(l, "data: "):
+			if err := json.Unmarshal([]byte(strings.TrimPrefix(l, "data: ")), &ev.tick); err != nil {
+				t.Fatalf("%s: event data %q: %v", s.name, l, err)
+			}
+		case strings.HasPrefix(l, "event: "), strings.HasPrefix(l, "retry: "):
+			t.Fatalf("%s: got %q: the gateway is closing the shared stream", s.name, l)
+		}
+		return l == "" && ev.id != ""
+	})
+	s.events = append(s.events, ev)
+	return ev
+}
+
+// checkConsecutive checks that events are the gateway's ids in sequence,
+// without gap or repeat, and that each upstream connection's events are
+// there from the first one the subscriber saw, without gap or repeat.
+func checkConsecutive(t *testing.T, name string, events []sharedEvent) {
+	t.Helper()
+	ids := make([]string, len(events))
+	for i, ev := range events {
+		ids[i] = ev.id
+	}
+	checkIDsConsecutive(t, name, ids)
+	for i := 1; i < len(events); i++ {
+		prev, cur := events[i-1], events[i]
+		if cur.tick.Conn == prev.tick.Conn && cur.tick.N != prev.tick.N+1 {
+			t.Errorf("%s: upstream connection #%d's event %d follows its event %d", name, cur.tick.Conn, cur.tick.N, prev.tick.N)
+		}
+		if cur.tick.Conn != prev.tick.Conn && cur.tick.N != 1 {
+			t.Errorf("%s: the first event of upstream connection #%d is its number %d, want 1", name, cur.tick.Conn, cur.tick.N)
+		}
+	}
+}
+
+// checkSame checks that got are the events of want from got's first event
+// on.
+func checkSame(t *testing.T, name string, got, want []sharedEvent) {
+	t.Helper()
+	for i, ev := range want {
+		if ev.id == got[0].id {
+			want = want[i:]
+			break
+		}
+	}
+	for i := range min(len(got), len(want)) {
+		if got[i] != want[i] {
+			t.Fatalf("%s's event %d is %+v, want %+v", name, i, got[i], want[i])
+		}
+	}
+}
+
+// splitID splits a gateway-assigned id, prefix-number.
+func splitID(t *testing.T, id string) (string, int) {
+	t.Helper()
+	i := strings.LastIndexByte(id, '-')
+	n, ok := atoi(id[i+1:])
+	if i < 0 || !ok {
+		t.Fatalf("event id %q is not one the gateway assigned", id)
+	}
+	return id[:i], n
+}
+
 // TestDemoPageInHeadlessChromium drives the page in headless Chromium: events
 // render, the raw tap counts heartbeats, the gateway's idle close shows with
 // its reason, the browser reconnects and the upstream receives its
@@ -200,18 +378,98 @@ func TestDemoPageInHeadlessChromium(t *testing.T) {
 		t.Logf("screenshot written to %s (%d bytes)", *screenshotPath, len(shot))
 	}
 
-	// Closing the tab closes both of its streams; the gateway must tear
-	// both upstream connections down at once.
+	// Closing the tab closes all of its streams; the gateway must tear
+	// the two of /events down at once, and the shared one after its linger.
 	closeTab()
 	closedAt := time.Now()
-	demo.waitUpstreamOpen(t, 0, 2*time.Second)
-	t.Logf("the upstream's open connections were back to 0 %s after the tab closed", time.Since(closedAt).Round(time.Millisecond))
+	demo.waitStats(t, "no connection on /events", 2*time.Second, func(s upstreamStats) bool { return s.Open-s.OpenShared == 0 })
+	t.Logf("the upstream's open connections on /events were back to 0 %s after the tab closed", time.Since(closedAt).Round(time.Millisecond))
+	demo.waitUpstreamOpen(t, 0, sharedLinger+slack)
+	t.Logf("and the shared one was gone %s after the tab closed (linger %s)", time.Since(closedAt).Round(time.Millisecond), sharedLinger)
+}
+
+// TestDemoSharedSectionInHeadlessChromium drives the page's shared section:
+// its two EventSources make one upstream connection; "Restart upstream"
+// reaches neither (no error event, no reconnect, ids in sequence); "Close
+// tab B for 5 s" brings B back with ?lastEventId= and B gets the events it
+// missed.
+func TestDemoSharedSectionInHeadlessChromium(t *testing.T) {
+	browser := headless.Chromium(t)
+	demo := startDemo(t)
+
+	allocCtx, cancelAlloc := headless.Allocator(browser, t.TempDir(), chromedp.WindowSize(1200, 720))
+	defer cancelAlloc()
+	tabCtx, cancelTab := chromedp.NewContext(allocCtx)
+	defer cancelTab()
+	tabCtx, cancelTimeout := context.WithTimeout(tabCtx, 90*time.Second)
+	defer cancelTimeout()
+	if err := chromedp.Do(tabCtx, chromedp.Navigate(demo.pageURL)); err != nil {
+		t.Fatalf("opening %s with %s: %v", demo.pageURL, browser, err)
+	}
+
+	before := waitForPage(t, tabCtx, "two events in both tabs, one shared upstream connection", 2*time.Second+slack, func(s pageState) bool {
+		a, b := s.Shared.Tabs["A"], s.Shared.Tabs["B"]
+		return len(a.IDs) >= 2 && len(b.IDs) >= 2 && s.Shared.UpstreamOpen != nil && *s.Shared.UpstreamOpen == 1
+	})
+	firstConn := before.Shared.Tabs["A"].Conn
+
+	if err := chromedp.Do(tabCtx, chromedp.Click(chromedp.ID("restart"))); err != nil {
+		t.Fatal(err)
+	}
+	// 3s of 503 and the gateway's backoff, then events from the new
+	// upstream connection.
+	after := waitForPage(t, tabCtx, "both tabs on the new upstream connection", 3*time.Second+4*time.Second+slack, func(s pageState) bool {
+		a, b := s.Shared.Tabs["A"], s.Shared.Tabs["B"]
+		return a.Conn != firstConn && b.Conn != firstConn && len(a.IDs) >= len(before.Shared.Tabs["A"].IDs)+2
+	})
+	if after.Shared.UpstreamOpened == nil || *after.Shared.UpstreamOpened != 2 || *after.Shared.UpstreamOpen != 1 {
+		t.Errorf("after the restart the page shows %v shared upstream connections open, %v opened in all; want 1 and 2", after.Shared.UpstreamOpen, after.Shared.UpstreamOpened)
+	}
+	for name, tab := range after.Shared.Tabs {
+		if tab.Errors != 0 || tab.Opens != 1 || tab.State != "open" {
+			t.Errorf("tab %s noticed the restart: %+v", name, tab)
+		}
+		checkIDsConsecutive(t, "tab "+name, tab.IDs)
+	}
+
+	if err := chromedp.Do(tabCtx, chromedp.Click(chromedp.ID("reopen-b"))); err != nil {
+		t.Fatal(err)
+	}
+	replayed := waitForPage(t, tabCtx, "tab B back with the events it missed", 5*time.Second+slack, func(s pageState) bool {
+		return len(s.Shared.Replays) == 1 && s.Shared.Replays[0].Done
+	})
+	r := replayed.Shared.Replays[0]
+	if !r.OK || len(r.Missed) < 3 {
+		t.Errorf("tab B came back after %s and got %q; it missed %q (want at least 3)", r.LastEventID, r.Got, r.Missed)
+	}
+	checkIDsConsecutive(t, "tab B", replayed.Shared.Tabs["B"].IDs)
+	text, err := chromedp.Run(tabCtx, chromedp.Text(chromedp.ID("shared")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "events it missed"; !strings.Contains(text, want) {
+		t.Errorf("the shared section does not show %q", want)
+	}
+}
+
+// checkIDsConsecutive checks that ids are the gateway's, in sequence,
+// without gap or repeat.
+func checkIDsConsecutive(t *testing.T, name string, ids []string) {
+	t.Helper()
+	for i := 1; i < len(ids); i++ {
+		prefix, prevSeq := splitID(t, ids[i-1])
+		curPrefix, curSeq := splitID(t, ids[i])
+		if curPrefix != prefix || curSeq != prevSeq+1 {
+			t.Errorf("%s: event id %s follows %s, want the next number", name, ids[i], ids[i-1])
+		}
+	}
 }
 
 // runningDemo is a demo started by startDemo.
 type runningDemo struct {
-	pageURL string
-	out     *syncBuffer
+	pageURL     string
+	out         *syncBuffer
+	subscribers int
 }
 
 // startDemo runs the demo on free loopback ports until the test ends.
@@ -257,6 +515,11 @@ func startDemo(t *testing.T) *runningDemo {
 
 func (d *runningDemo) upstreamOpen(t *testing.T) int {
 	t.Helper()
+	return d.stats(t).Open
+}
+
+func (d *runningDemo) stats(t *testing.T) upstreamStats {
+	t.Helper()
 	resp, body := get(t, d.pageURL+"demo/stats")
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("/demo/stats: status %d", resp.StatusCode)
@@ -265,20 +528,26 @@ func (d *runningDemo) upstreamOpen(t *testing.T) int {
 	if err := json.Unmarshal([]byte(body), &stats); err != nil {
 		t.Fatalf("/demo/stats: %v in %q", err, body)
 	}
-	return stats.Open
+	return stats
 }
 
 // waitUpstreamOpen waits until the upstream reports want open connections.
 func (d *runningDemo) waitUpstreamOpen(t *testing.T, want int, within time.Duration) {
 	t.Helper()
+	d.waitStats(t, fmt.Sprintf("%d open connections", want), within, func(s upstreamStats) bool { return s.Open == want })
+}
+
+// waitStats waits until the upstream's stats satisfy cond.
+func (d *runningDemo) waitStats(t *testing.T, what string, within time.Duration, cond func(upstreamStats) bool) {
+	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
-		open := d.upstreamOpen(t)
-		if open == want {
+		stats := d.stats(t)
+		if cond(stats) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the upstream still has %d open connections %s later, want %d", open, within, want)
+			t.Fatalf("the upstream does not report %s %s later: %+v", what, within, stats)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -306,9 +575,14 @@ func get(t *testing.T, url string) (*http.Response, string) {
 
 func postQuiet(t *testing.T, pageURL, quietFor string) {
 	t.Helper()
+	post(t, pageURL+"demo/quiet?for="+quietFor)
+}
+
+func post(t *testing.T, url string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, pageURL+"demo/quiet?for="+quietFor, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -318,7 +592,7 @@ func postQuiet(t *testing.T, pageURL, quietFor string) {
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("POST /demo/quiet: status %d", resp.StatusCode)
+		t.Fatalf("POST %s: status %d", url, resp.StatusCode)
 	}
 }
 
@@ -412,6 +686,24 @@ type pageState struct {
 	LastEventID  string `json:"lastEventId"`
 	UpstreamOpen *int   `json:"upstreamOpen"`
 	ESState      string `json:"esState"`
+	Shared       struct {
+		UpstreamOpen   *int `json:"upstreamOpen"`
+		UpstreamOpened *int `json:"upstreamOpened"`
+		Tabs           map[string]struct {
+			State  string   `json:"state"`
+			Opens  int      `json:"opens"`
+			Errors int      `json:"errors"`
+			IDs    []string `json:"ids"`
+			Conn   int      `json:"conn"`
+		} `json:"tabs"`
+		Replays []struct {
+			LastEventID string   `json:"lastEventId"`
+			Missed      []string `json:"missed"`
+			Got         []string `json:"got"`
+			Done        bool     `json:"done"`
+			OK          bool     `json:"ok"`
+		} `json:"replays"`
+	} `json:"shared"`
 }
 
 // String shows the state as the page's JSON, for failure messages.

@@ -2,8 +2,10 @@
 // deliberately legacy SSE server on loopback, Caddy with the sse handler in
 // front of it (configured from examples/demo/Caddyfile), and a page that
 // makes visible what the gateway adds: heartbeats, closes with a reason and a
-// retry hint, reconnects with Last-Event-ID, and upstream connections that go
-// away as soon as the browser does.
+// retry hint, reconnects with Last-Event-ID, upstream connections that go
+// away as soon as the browser does, and a shared stream: one upstream
+// connection for every tab, which survives an upstream restart unnoticed and
+// replays what a returning tab missed.
 //
 // Run it from the repository root:
 //
@@ -223,7 +225,8 @@ caddy-sse demo: a legacy SSE server made well-behaved by Caddy's sse handler
 
   Open      %s
   Gateway   examples/demo/Caddyfile: heartbeat 2s, idle_timeout 6s,
-            max_lifetime 20s (18-20s), retry 1s, close_event gateway-close
+            max_lifetime 20s (18-20s), retry 1s, close_event gateway-close;
+            /shared/*: share (replay 256, linger 2s, assign_ids)
   Upstream  %s (direct, without the gateway)
             %s
 
@@ -234,8 +237,12 @@ What to watch:
   - every 18-20s the gateway ends each stream (max_lifetime): "retry: 1000",
     then event gateway-close with the reason; the browser reconnects 1s later
     and sends Last-Event-ID, which the page shows as the upstream received it;
+  - the shared section: tabs A and B make one upstream connection; "Restart
+    upstream" drops it and the server answers 503 for 3s, the gateway
+    reconnects and the tabs see no error; "Close tab B for 5 s" brings B back
+    with the events it missed;
   - close the tab: this terminal shows the upstream noticing each connection
-    is gone, and "open connections: 0".
+    is gone, and "open connections: 0" (the shared one 2s later).
 
 Ctrl-C stops everything.
 

@@ -18,8 +18,15 @@ import (
 // Last-Event-ID, never sends a heartbeat, a retry hint or an end of stream,
 // and only learns that a client left when its request context ends.
 //
+// /shared/events is the same stream without ids: the gateway shares it
+// among its clients and numbers the events itself (see the Caddyfile). A
+// legacy server's per-connection ids would start again at 1 after every
+// reconnect and collide with the ones the gateway already passed on.
+//
 // It also serves the demo page and a small JSON view of its own state
-// (/demo/stats), which is how the page can show what the upstream sees.
+// (/demo/stats), which is how the page can show what the upstream sees, and
+// can pretend to restart (/demo/restart): it drops every connection and
+// answers 503 for a moment.
 type legacyUpstream struct {
 	// interval is the time between two numbered events.
 	interval time.Duration
@@ -32,11 +39,13 @@ type legacyUpstream struct {
 	stopping context.Context
 	logger   *log.Logger
 
-	mu          sync.Mutex
-	nextConnID  int
-	open        map[int]*upstreamConn
-	totalOpened int
-	quietUntil  time.Time
+	mu                sync.Mutex
+	nextConnID        int
+	open              map[int]*upstreamConn
+	totalOpened       int
+	totalOpenedShared int
+	quietUntil        time.Time
+	restartingUntil   time.Time
 }
 
 // upstreamConn describes one stream the upstream is serving.
@@ -45,6 +54,8 @@ type upstreamConn struct {
 	// Client is the label the page puts in the query (eventsource or raw),
 	// so that the two connections a tab opens can be told apart.
 	Client string `json:"client"`
+	// Path is /events or /shared/events.
+	Path string `json:"path"`
 	// LastEventID is the Last-Event-ID header as the upstream received it.
 	LastEventID string    `json:"last_event_id"`
 	Honoured    bool      `json:"honoured"`
@@ -54,14 +65,19 @@ type upstreamConn struct {
 
 	// resumeAfter is the id after which the stream starts counting.
 	resumeAfter int
+	// drop ends the stream, for a restart.
+	drop context.CancelFunc
 }
 
 // upstreamStats is the body of /demo/stats.
 type upstreamStats struct {
 	Open              int            `json:"open"`
 	TotalOpened       int            `json:"total_opened"`
+	OpenShared        int            `json:"open_shared"`
+	TotalOpenedShared int            `json:"total_opened_shared"`
 	HonourLastEventID bool           `json:"honour_last_event_id"`
 	QuietForMillis    int64          `json:"quiet_for_ms"`
+	RestartingForMs   int64          `json:"restarting_for_ms"`
 	Connections       []upstreamConn `json:"connections"`
 }
 
@@ -93,16 +109,27 @@ func (u *legacyUpstream) handler(page []byte) http.Handler {
 		w.Header().Set("Cache-Control", "no-store")
 		_, _ = w.Write(page)
 	})
-	mux.HandleFunc("GET /events", u.serveEvents)
+	mux.HandleFunc("GET /events", func(w http.ResponseWriter, r *http.Request) { u.serveEvents(w, r, true) })
+	mux.HandleFunc("GET /shared/events", func(w http.ResponseWriter, r *http.Request) { u.serveEvents(w, r, false) })
 	mux.HandleFunc("GET /demo/stats", u.serveStats)
 	mux.HandleFunc("POST /demo/quiet", u.serveQuiet)
+	mux.HandleFunc("POST /demo/restart", u.serveRestart)
 	return mux
 }
 
 // serveEvents is the legacy stream: headers, then a numbered event every
-// interval, for as long as the connection lives.
-func (u *legacyUpstream) serveEvents(w http.ResponseWriter, r *http.Request) {
-	conn := u.register(r)
+// interval, for as long as the connection lives. withIDs puts the number in
+// an id line too.
+func (u *legacyUpstream) serveEvents(w http.ResponseWriter, r *http.Request, withIDs bool) {
+	if u.isRestarting() {
+		// What a server that is coming back up answers (through the
+		// gateway: a refusal the browser survives).
+		http.Error(w, "restarting", http.StatusServiceUnavailable)
+		return
+	}
+	ctx, drop := context.WithCancel(r.Context())
+	defer drop()
+	conn := u.register(r, drop)
 	reason := "stream ended"
 	defer func() { u.unregister(conn, reason) }()
 
@@ -126,8 +153,11 @@ func (u *legacyUpstream) serveEvents(w http.ResponseWriter, r *http.Request) {
 		case <-u.stopping.Done():
 			reason = "upstream shutting down"
 			return
-		case <-r.Context().Done():
+		case <-ctx.Done():
 			reason = "noticed it is gone: request context ended"
+			if r.Context().Err() == nil {
+				reason = "dropped by the restart"
+			}
 			return
 		case <-ticker.C:
 		}
@@ -135,7 +165,11 @@ func (u *legacyUpstream) serveEvents(w http.ResponseWriter, r *http.Request) {
 			continue
 		}
 		data, _ := json.Marshal(tickEvent{N: next, Conn: conn.ID, LastEventID: conn.LastEventID, Honoured: conn.Honoured})
-		if _, err := fmt.Fprintf(w, "id: %d\ndata: %s\n\n", next, data); err != nil {
+		idLine := ""
+		if withIDs {
+			idLine = fmt.Sprintf("id: %d\n", next)
+		}
+		if _, err := fmt.Fprintf(w, "%sdata: %s\n\n", idLine, data); err != nil {
 			reason = "noticed it is gone: write failed: " + err.Error()
 			return
 		}
@@ -152,7 +186,7 @@ func (u *legacyUpstream) serveEvents(w http.ResponseWriter, r *http.Request) {
 }
 
 // register counts a new stream and logs it.
-func (u *legacyUpstream) register(r *http.Request) *upstreamConn {
+func (u *legacyUpstream) register(r *http.Request, drop context.CancelFunc) *upstreamConn {
 	lastEventID := r.Header.Get("Last-Event-ID")
 	lastSeen, numeric := atoi(lastEventID)
 	client := r.URL.Query().Get("client")
@@ -164,9 +198,14 @@ func (u *legacyUpstream) register(r *http.Request) *upstreamConn {
 	u.mu.Lock()
 	u.nextConnID++
 	u.totalOpened++
+	if r.URL.Path == "/shared/events" {
+		u.totalOpenedShared++
+	}
 	conn := &upstreamConn{
 		ID:          u.nextConnID,
 		Client:      client,
+		Path:        r.URL.Path,
+		drop:        drop,
 		LastEventID: lastEventID,
 		Honoured:    honour,
 		OpenedAt:    time.Now(),
@@ -185,8 +224,8 @@ func (u *legacyUpstream) register(r *http.Request) *upstreamConn {
 	case honour:
 		treatment = "honoured, resuming after it"
 	}
-	u.logger.Printf("upstream: connection #%d opened (client=%s, from %s, Last-Event-ID=%q: %s); open connections: %d",
-		conn.ID, client, r.RemoteAddr, lastEventID, treatment, open)
+	u.logger.Printf("upstream: connection #%d opened (%s, client=%s, from %s, Last-Event-ID=%q: %s); open connections: %d",
+		conn.ID, r.URL.Path, client, r.RemoteAddr, lastEventID, treatment, open)
 	return conn
 }
 
@@ -227,6 +266,35 @@ func (u *legacyUpstream) serveQuiet(w http.ResponseWriter, r *http.Request) {
 	u.serveStats(w, r)
 }
 
+func (u *legacyUpstream) isRestarting() bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return time.Now().Before(u.restartingUntil)
+}
+
+// serveRestart plays a restart of the legacy server: every open stream is
+// dropped, and for the duration in the query parameter "for" (default 3s)
+// new streams get 503.
+func (u *legacyUpstream) serveRestart(w http.ResponseWriter, r *http.Request) {
+	downFor := 3 * time.Second
+	if v := r.URL.Query().Get("for"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 || d > 10*time.Second {
+			http.Error(w, "for must be a duration between 0 and 10s", http.StatusBadRequest)
+			return
+		}
+		downFor = d
+	}
+	u.mu.Lock()
+	u.restartingUntil = time.Now().Add(downFor)
+	for _, c := range u.open {
+		c.drop()
+	}
+	u.mu.Unlock()
+	u.logger.Printf("upstream: restarting: dropping every connection, answering 503 for %s", downFor)
+	u.serveStats(w, r)
+}
+
 func (u *legacyUpstream) serveStats(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
@@ -245,7 +313,14 @@ func (u *legacyUpstream) stats() upstreamStats {
 	if quiet := time.Until(u.quietUntil); quiet > 0 {
 		s.QuietForMillis = quiet.Milliseconds()
 	}
+	if down := time.Until(u.restartingUntil); down > 0 {
+		s.RestartingForMs = down.Milliseconds()
+	}
+	s.TotalOpenedShared = u.totalOpenedShared
 	for _, c := range u.open {
+		if c.Path == "/shared/events" {
+			s.OpenShared++
+		}
 		s.Connections = append(s.Connections, *c)
 	}
 	sort.Slice(s.Connections, func(i, j int) bool { return s.Connections[i].ID < s.Connections[j].ID })
