@@ -55,9 +55,13 @@ type fanoutResult struct {
 	upstream         int64
 	rssBase, rssLoad int64 // summed over rounds; divide by rounds
 	rounds           int
-	cpu              float64
-	publishErrors    int
-	roundP99         []int64
+	// goPerSub is a Caddy target's Go heap+stack per subscriber after a
+	// forced collection, summed over the goRounds rounds that read it.
+	goPerSub      float64
+	goRounds      int
+	cpu           float64
+	publishErrors int
+	roundP99      []int64
 }
 
 // perSubscriberRSS is the resident memory the subscribers added, per
@@ -104,6 +108,8 @@ func (b *bench) runFanout(ctx context.Context) error {
 					prev.rssBase += r.rssBase
 					prev.rssLoad += r.rssLoad
 					prev.rounds++
+					prev.goPerSub += r.goPerSub
+					prev.goRounds += r.goRounds
 					prev.cpu = (prev.cpu + r.cpu) / 2
 					prev.publishErrors += r.publishErrors
 					prev.roundP99 = append(prev.roundP99, r.roundP99...)
@@ -134,6 +140,11 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	r := &fanoutResult{target: name, subscribers: n, rounds: 1}
 	time.Sleep(300 * time.Millisecond)
 	r.rssBase = g.rss()
+	var goBase goMemory
+	goErr := errors.New("no admin endpoint")
+	if g.admin != "" {
+		goBase, goErr = g.goMemory()
+	}
 
 	lifetime := b.cfg.fanoutWarmup + b.cfg.fanoutMeasure + 2*time.Minute
 	path := fmt.Sprintf("/broadcast?dur=%s", lifetime)
@@ -203,6 +214,15 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	r.rssLoad = g.rss()
 	close(stopPub)
 	<-pubDone
+	if goErr == nil && r.opened > 0 {
+		// After the window: the forced collection must not land in it.
+		if goLoad, err := g.goMemory(); err == nil {
+			r.goPerSub = (goLoad.heapInuse + goLoad.stackInuse - goBase.heapInuse - goBase.stackInuse) / float64(r.opened)
+			r.goRounds = 1
+		} else {
+			b.res.problem("%s: Go memory from the admin API: %v", what, err)
+		}
+	}
 	// Events sent near the window's end may still be on their way.
 	time.Sleep(b.cfg.fanoutDeliver)
 	r.early = set.endedEarly()
@@ -225,6 +245,10 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	b.checkSet(what, set, r.early)
 	if r.publishErrors > 0 {
 		b.res.problem("%s: %d publishes failed: %v", what, r.publishErrors, pubErr)
+	}
+	if stated := int(b.cfg.fanoutMeasure / b.cfg.fanoutInterval); float64(sent) < minRateShare*float64(stated) {
+		b.res.problem("%s: %d events sent in the window, below %.0f %% of the %d stated (one every %s): the publisher fell behind",
+			what, sent, 100*minRateShare, stated, b.cfg.fanoutInterval)
 	}
 	switch {
 	case sent == 0:
@@ -395,23 +419,31 @@ func fanoutSection(w func(string, ...any), res *results) {
 	w("all its connections at once to write the event on each; caddy+sse+share holds one upstream request for the\n")
 	w("key and fans the event out; Nchan has no upstream and the harness publishes each event once by POST. Every\n")
 	w("event carries the time it was handed on (the broadcast, or the POST); latency is each subscriber's receipt\n")
-	w("minus that stamp, for every event sent in a %s window after %s of warm-up, over %d round%s. *Upstream*\n",
+	w("minus that stamp, for every event sent in a %s window after %s of warm-up, over %d round%s. A target that\n",
 		cfg.fanoutMeasure, cfg.fanoutWarmup, cfg.rounds, plural(cfg.rounds))
+	w("cannot get one event to every subscriber within %s has the next one queue behind it, so its latency\n", cfg.fanoutInterval)
+	w("then includes that queueing. *Upstream*\n")
 	w("is the most requests the harness's upstream had open during the window; *deliveries* counts what arrived\n")
 	w("within %s of the window's end against events sent × subscribers. Every process is fresh for each target,\n", cfg.fanoutDeliver)
 	w("count and round: *RSS/subscriber* is (RSS at the window's end − RSS of the idle process) ÷ subscribers,\n")
-	w("averaged over rounds; nginx's also holds its N upstream connections. CPU is the target's during the window.\n\n")
+	w("averaged over rounds; nginx's also holds its N upstream connections. *Go heap+stack/subscriber* (Caddy targets)\n")
+	w("comes from the process's `/metrics` after a forced collection, taken after the window. CPU is the target's\n")
+	w("during the window. The clients and the upstream run in the harness process on the same cores, so at large\n")
+	w("counts the figures include the clients' own time to read N copies of each event; the ratios are what compare.\n\n")
 	largest := res.fanoutLargest()
 	if largest < fanoutGoalSubscribers {
-		why := "the most that fit this run's open-files limit"
-		if cfg.smoke {
+		why := "the counts asked for with `-fanout`"
+		switch {
+		case cfg.fanoutCapped:
+			why = "the most that fit this run's open-files limit"
+		case cfg.smoke:
 			why = "a smoke run's count"
 		}
 		w("The issue asks for %d subscribers; this run's largest count was %d (%s), so the figures at %d are\n", fanoutGoalSubscribers, largest, why, fanoutGoalSubscribers)
 		w("projected, not measured.\n\n")
 	}
-	w("| target | subscribers | upstream | deliveries | p50 | p99 | max | p99 ÷ nginx | p99 ÷ nchan | RSS idle | RSS with subscribers | RSS/subscriber | CPU %% |\n")
-	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	w("| target | subscribers | upstream | deliveries | p50 | p99 | max | p99 ÷ nginx | p99 ÷ nchan | RSS idle | RSS with subscribers | RSS/subscriber | Go heap+stack/subscriber | CPU %% |\n")
+	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, n := range cfg.fanoutCounts {
 		ng, nc := res.fanoutFor(targetNginx, n), res.fanoutFor(targetNchan, n)
 		for _, t := range cfg.fanoutTargets {
@@ -434,9 +466,13 @@ func fanoutSection(w func(string, ...any), res *results) {
 			if f.opened != n {
 				opened = fmt.Sprintf("%d of %d", f.opened, n)
 			}
-			w("| %s | %s | %s | %d of %d | %s | %s | %s | %s | %s | %.1f MiB | %.1f MiB | %.2f KiB | %.1f |\n", t, opened, up,
+			goCell := "—"
+			if f.goRounds > 0 {
+				goCell = fmt.Sprintf("%.2f KiB", kib(f.goPerSub/float64(f.goRounds)))
+			}
+			w("| %s | %s | %s | %d of %d | %s | %s | %s | %s | %s | %.1f MiB | %.1f MiB | %.2f KiB | %s | %.1f |\n", t, opened, up,
 				len(f.samples), f.expected, us(quantile(f.samples, 0.5)), us(p99), us(quantile(f.samples, 1)), rel(ng), rel(nc),
-				mib(f.rssBase), mib(f.rssLoad), kib(f.perSubscriberRSS()), f.cpu)
+				mib(f.rssBase), mib(f.rssLoad), kib(f.perSubscriberRSS()), goCell, f.cpu)
 		}
 	}
 	w("\n")
@@ -465,6 +501,9 @@ func fanoutAnalysis(w func(string, ...any), res *results) {
 		}
 	}
 	w("; RSS per subscriber: share %.2f KiB", kib(s.perSubscriberRSS()))
+	if s.goRounds > 0 {
+		w(" (Go heap+stack after a collection %.2f KiB)", kib(s.goPerSub/float64(s.goRounds)))
+	}
 	for _, t := range []string{targetCaddy, targetNginx, targetNchan} {
 		if o := res.fanoutFor(t, largest); o != nil && o.opened > 0 {
 			w(", %s %.2f KiB", t, kib(o.perSubscriberRSS()))

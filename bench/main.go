@@ -52,6 +52,7 @@ func run() error {
 		rounds   = flag.Int("rounds", 0, "rounds of the latency, throughput, teardown and churn scenarios (default 2; smoke 1)")
 		only     = flag.String("scenarios", "latency,throughput,teardown,churn,scale,fanout", "scenarios to run, comma-separated (the report leaves out the others)")
 		fanT     = flag.String("fanout-targets", strings.Join(defaultFanoutTargets, ","), "targets of the fan-out scenario, comma-separated")
+		fanIv    = flag.Duration("fanout-interval", 0, "time between two events of the fan-out scenario (default 200ms; smoke 100ms)")
 		fanN     = flag.String("fanout", "", "subscriber counts for the fan-out scenario, comma-separated (default 1,1000,9000; smoke 1,20)")
 	)
 	flag.Parse()
@@ -98,6 +99,9 @@ func run() error {
 			cfg.fanoutCounts = append(cfg.fanoutCounts, n)
 		}
 	}
+	if *fanIv > 0 {
+		cfg.fanoutInterval = *fanIv
+	}
 	if cfg.scenarios["fanout"] {
 		for _, t := range strings.Split(*fanT, ",") {
 			if t == targetDirect || targetDescriptions[t] == "" {
@@ -136,6 +140,7 @@ func run() error {
 		if n > maxStreams {
 			log.Printf("fanout: %d subscribers do not fit the open-files limit of %d; measuring %d", n, limit, maxStreams)
 			cfg.fanoutCounts[i] = maxStreams
+			cfg.fanoutCapped = true
 		}
 	}
 

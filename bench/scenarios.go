@@ -52,6 +52,8 @@ type config struct {
 	fanoutWarmup   time.Duration
 	fanoutMeasure  time.Duration
 	fanoutDeliver  time.Duration
+	// fanoutCapped says a count was lowered to fit the open-files limit.
+	fanoutCapped bool
 
 	dialParallel int
 }
