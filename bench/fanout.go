@@ -139,12 +139,14 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	what := fmt.Sprintf("fanout %s %s", name, subscribers(n))
 	r := &fanoutResult{target: name, subscribers: n, rounds: 1}
 	time.Sleep(300 * time.Millisecond)
-	r.rssBase = g.rss()
+	// The admin API's answers cost memory of their own: ask it first, so
+	// that the idle RSS includes them.
 	var goBase goMemory
 	goErr := errors.New("no admin endpoint")
 	if g.admin != "" {
 		goBase, goErr = g.goMemory()
 	}
+	r.rssBase = g.rss()
 
 	lifetime := b.cfg.fanoutWarmup + b.cfg.fanoutMeasure + 2*time.Minute
 	path := fmt.Sprintf("/broadcast?dur=%s", lifetime)
