@@ -405,7 +405,7 @@ func fanoutRows(res *results, add func(bool, string, string)) {
 			goal = fmt.Sprintf("fan-out latency p99 ≤ %s (%d subscribers, the largest count of this run; the issue asks for %d)", t, largest, fanoutGoalSubscribers)
 		}
 		add(p99 <= op99, goal,
-			fmt.Sprintf("%s vs %s (%s)", us(p99), us(op99), ratio(float64(p99), float64(op99))))
+			fmt.Sprintf("%s vs %s (%s)", lat(p99), lat(op99), ratio(float64(p99), float64(op99))))
 	}
 }
 
@@ -473,7 +473,7 @@ func fanoutSection(w func(string, ...any), res *results) {
 				goCell = fmt.Sprintf("%.2f KiB", kib(f.goPerSub/float64(f.goRounds)))
 			}
 			w("| %s | %s | %s | %d of %d | %s | %s | %s | %s | %s | %.1f MiB | %.1f MiB | %.2f KiB | %s | %.1f |\n", t, opened, up,
-				len(f.samples), f.expected, us(quantile(f.samples, 0.5)), us(p99), us(quantile(f.samples, 1)), rel(ng), rel(nc),
+				len(f.samples), f.expected, lat(quantile(f.samples, 0.5)), lat(p99), lat(quantile(f.samples, 1)), rel(ng), rel(nc),
 				mib(f.rssBase), mib(f.rssLoad), kib(f.perSubscriberRSS()), goCell, f.cpu)
 		}
 	}
@@ -496,10 +496,10 @@ func fanoutAnalysis(w func(string, ...any), res *results) {
 			w(", %s %d", t, o.upstream)
 		}
 	}
-	w(". One event to all of them, p99 from send to receipt: share %s", us(quantile(s.samples, 0.99)))
+	w(". One event to all of them, p99 from send to receipt: share %s", lat(quantile(s.samples, 0.99)))
 	for _, t := range []string{targetCaddy, targetNginx, targetNchan} {
 		if o := res.fanoutFor(t, largest); o != nil && len(o.samples) > 0 {
-			w(", %s %s", t, us(quantile(o.samples, 0.99)))
+			w(", %s %s", t, lat(quantile(o.samples, 0.99)))
 		}
 	}
 	w("; RSS per subscriber: share %.2f KiB", kib(s.perSubscriberRSS()))
@@ -512,22 +512,22 @@ func fanoutAnalysis(w func(string, ...any), res *results) {
 		}
 	}
 	w(".")
-	var lo, hi int64 = -1, 0
+	spread, what := -1.0, ""
 	for _, f := range res.fanout {
 		if len(f.roundP99) < 2 {
 			continue
 		}
-		for _, v := range f.roundP99 {
-			if lo < 0 || v < lo {
-				lo = v
+		if lo := slices.Min(f.roundP99); lo > 0 {
+			if d := 100 * float64(slices.Max(f.roundP99)-lo) / float64(lo); d > spread {
+				spread, what = d, fmt.Sprintf("%s at %s", f.target, subscribers(f.subscribers))
 			}
 		}
-		hi = max(hi, slices.Max(f.roundP99)-slices.Min(f.roundP99))
 	}
-	if res.cfg.rounds < 2 {
+	if spread < 0 {
 		w(" With one round, this run cannot say how far these p99s move from round to round.")
-	} else if lo >= 0 {
-		w(" Between rounds, one target's fan-out p99 at one count moved by up to %s.", us(hi))
+	} else {
+		w(" Between rounds, one target's fan-out p99 at one count moved by up to %.0f %% of its lowest round (%s),\n", spread, what)
+		w("so a gap between targets smaller than that is not one this run can tell.")
 	}
 	w("\n\n")
 }
@@ -565,3 +565,12 @@ func fanoutPlot(res *results, n int, path string) error {
 
 // subscribers says "1 subscriber", "20 subscribers".
 func subscribers(n int) string { return fmt.Sprintf("%d subscriber%s", n, plural(n)) }
+
+// lat writes a fan-out latency: µs below 10 ms, ms above, where fan-out to
+// thousands of subscribers lands.
+func lat(ns int64) string {
+	if ns < 10e6 {
+		return us(ns)
+	}
+	return fmt.Sprintf("%.1f ms", float64(ns)/1e6)
+}

@@ -6,8 +6,8 @@
 //
 // Run from this directory:
 //
-//	go run . -out ../docs        # full run, about 8 minutes
-//	go run . -smoke              # about 10 seconds, for CI; writes nothing unless -out is given
+//	go run . -out ../docs        # full run, about 12 minutes
+//	go run . -smoke              # about 30 seconds, for CI; writes nothing unless -out is given
 //
 // It builds Caddy from ../cmd/caddy (or uses -caddy), installs nginx from
 // Debian when it is missing, starts every target itself on 127.0.0.1 and
@@ -41,7 +41,7 @@ func main() {
 
 func run() error {
 	var (
-		smoke    = flag.Bool("smoke", false, "tiny counts and short windows (about 10 s): proves every target and scenario work, not how fast")
+		smoke    = flag.Bool("smoke", false, "tiny counts and short windows (about 30 s): proves every target and scenario work, not how fast")
 		out      = flag.String("out", "", "directory for benchmarks.md and the plots (none written when empty)")
 		root     = flag.String("root", "..", "the caddy-sse repository, whose ./cmd/caddy is built")
 		caddyBin = flag.String("caddy", "", "use this Caddy binary (with the sse module) instead of building one")
