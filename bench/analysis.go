@@ -239,6 +239,8 @@ func analysis(res *results, m machine) string {
 		w("\n")
 	}
 
+	fanoutAnalysis(w, res)
+
 	// Scale.
 	if len(counts) > 0 {
 		w("**Scale.** The most streams measured in one process was %d. With the open-files limit of %d here and two\n", counts[len(counts)-1], m.openFiles)

@@ -110,6 +110,13 @@ type stream struct {
 // openStream sends GET path to addr from the next source address and reads up
 // to and including the ready event, at most for limit.
 func openStream(ctx context.Context, d *dialers, addr, path string, limit time.Duration) (*stream, error) {
+	return openStreamReady(ctx, d, addr, path, limit, true)
+}
+
+// openStreamReady is openStream; when ready is false it returns once the
+// response headers say the stream is open, without waiting for the ready
+// event (a client joining a shared stream, or an Nchan channel, gets none).
+func openStreamReady(ctx context.Context, d *dialers, addr, path string, limit time.Duration, ready bool) (*stream, error) {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	raw, err := d.dial(ctx, addr)
@@ -135,6 +142,10 @@ func openStream(ctx context.Context, d *dialers, addr, path string, limit time.D
 		return nil, fmt.Errorf("%w: %s %q", errNotStream, resp.Status, resp.Header.Get("Content-Type"))
 	}
 	s := &stream{conn: conn, lines: bufio.NewReaderSize(resp.Body, 256<<10), done: make(chan struct{})}
+	if !ready {
+		_ = conn.SetDeadline(time.Time{})
+		return s, nil
+	}
 	line, err := s.lines.ReadSlice('\n')
 	if err != nil || string(line) != "data: ready\n" {
 		conn.Close()
@@ -170,7 +181,11 @@ func (s *stream) read() {
 			s.stats.bytes.Add(int64(len(line) + 1))
 			if s.window != nil {
 				received := s.conn.lastRead
-				if received >= s.window.start.Load() && received < s.window.end.Load() {
+				at := received
+				if s.window.bySend {
+					at = sent
+				}
+				if at >= s.window.start.Load() && at < s.window.end.Load() {
 					s.samples = append(s.samples, received-sent)
 				}
 			}
@@ -189,7 +204,12 @@ func (s *stream) close() {
 
 // sampleWindow is the span of receive times (Unix ns) in which latencies are
 // kept. It is shared by all streams of a run and set once they are all open.
-type sampleWindow struct{ start, end atomic.Int64 }
+// With bySend, an event is kept when it was sent (by its stamp) inside the
+// window, so every event of the window counts whatever its delay.
+type sampleWindow struct {
+	start, end atomic.Int64
+	bySend     bool
+}
 
 func newSampleWindow() *sampleWindow {
 	w := &sampleWindow{}
@@ -218,6 +238,12 @@ type streamSet struct {
 // pathFor(i) as the request path of the i-th, and starts their readers with
 // the given sampling window (nil for none).
 func openStreams(ctx context.Context, d *dialers, addr string, n, parallel int, pathFor func(int) string, window *sampleWindow) *streamSet {
+	return openStreamsReady(ctx, d, addr, n, parallel, pathFor, window, true)
+}
+
+// openStreamsReady is openStreams; ready says whether each stream waits for
+// the upstream's ready event (see openStreamReady).
+func openStreamsReady(ctx context.Context, d *dialers, addr string, n, parallel int, pathFor func(int) string, window *sampleWindow, ready bool) *streamSet {
 	set := &streamSet{streams: make([]*stream, n)}
 	var mu sync.Mutex
 	sem := make(chan struct{}, parallel)
@@ -233,7 +259,7 @@ func openStreams(ctx context.Context, d *dialers, addr string, n, parallel int, 
 			// A refused connection under a burst of connects is retried a
 			// couple of times; anything else is reported.
 			for attempt := 0; attempt < 3; attempt++ {
-				s, err = openStream(ctx, d, addr, pathFor(i), 15*time.Second)
+				s, err = openStreamReady(ctx, d, addr, pathFor(i), 15*time.Second, ready)
 				if err == nil || ctx.Err() != nil {
 					break
 				}

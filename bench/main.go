@@ -6,8 +6,8 @@
 //
 // Run from this directory:
 //
-//	go run . -out ../docs        # full run, about 8 minutes
-//	go run . -smoke              # about 10 seconds, for CI; writes nothing unless -out is given
+//	go run . -out ../docs        # full run, about 12 minutes
+//	go run . -smoke              # about 30 seconds, for CI; writes nothing unless -out is given
 //
 // It builds Caddy from ../cmd/caddy (or uses -caddy), installs nginx from
 // Debian when it is missing, starts every target itself on 127.0.0.1 and
@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -40,7 +41,7 @@ func main() {
 
 func run() error {
 	var (
-		smoke    = flag.Bool("smoke", false, "tiny counts and short windows (about 10 s): proves every target and scenario work, not how fast")
+		smoke    = flag.Bool("smoke", false, "tiny counts and short windows (about 30 s): proves every target and scenario work, not how fast")
 		out      = flag.String("out", "", "directory for benchmarks.md and the plots (none written when empty)")
 		root     = flag.String("root", "..", "the caddy-sse repository, whose ./cmd/caddy is built")
 		caddyBin = flag.String("caddy", "", "use this Caddy binary (with the sse module) instead of building one")
@@ -49,7 +50,10 @@ func run() error {
 		note     = flag.String("note", "", "a sentence about the machine's state during the run, for the report (for example that it was shared)")
 		profile  = flag.String("profile", "", "save CPU and heap profiles of the sse target (idle streams at the largest scale count, one fast stream of 64 KiB events) into this directory")
 		rounds   = flag.Int("rounds", 0, "rounds of the latency, throughput, teardown and churn scenarios (default 2; smoke 1)")
-		only     = flag.String("scenarios", "latency,throughput,teardown,churn,scale", "scenarios to run, comma-separated (the report leaves out the others)")
+		only     = flag.String("scenarios", "latency,throughput,teardown,churn,scale,fanout", "scenarios to run, comma-separated (the report leaves out the others)")
+		fanT     = flag.String("fanout-targets", strings.Join(defaultFanoutTargets, ","), "targets of the fan-out scenario, comma-separated")
+		fanIv    = flag.Duration("fanout-interval", 0, "time between two events of the fan-out scenario (default 200ms; smoke 100ms)")
+		fanN     = flag.String("fanout", "", "subscriber counts for the fan-out scenario, comma-separated (default 1,1000,9000; smoke 1,20)")
 	)
 	flag.Parse()
 
@@ -64,7 +68,7 @@ func run() error {
 	cfg.scenarios = map[string]bool{}
 	for _, s := range strings.Split(*only, ",") {
 		switch s {
-		case "latency", "throughput", "teardown", "churn", "scale":
+		case "latency", "throughput", "teardown", "churn", "scale", "fanout":
 			cfg.scenarios[s] = true
 		case "":
 		default:
@@ -81,9 +85,32 @@ func run() error {
 		cfg.scaleCounts = nil
 	}
 	for _, t := range cfg.targets {
-		if targetDescriptions[t] == "" {
-			return fmt.Errorf("unknown target %q", t)
+		if targetDescriptions[t] == "" || t == targetShare || t == targetNchan {
+			return fmt.Errorf("unknown target %q (caddy+sse+share and nchan are for -fanout-targets)", t)
 		}
+	}
+	if *fanN != "" {
+		cfg.fanoutCounts = nil
+		for _, f := range strings.Split(*fanN, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil || n <= 0 {
+				return fmt.Errorf("bad -fanout count %q", f)
+			}
+			cfg.fanoutCounts = append(cfg.fanoutCounts, n)
+		}
+	}
+	if *fanIv > 0 {
+		cfg.fanoutInterval = *fanIv
+	}
+	if cfg.scenarios["fanout"] {
+		for _, t := range strings.Split(*fanT, ",") {
+			if t == targetDirect || targetDescriptions[t] == "" {
+				return fmt.Errorf("unknown fan-out target %q", t)
+			}
+			cfg.fanoutTargets = append(cfg.fanoutTargets, t)
+		}
+	} else {
+		cfg.fanoutCounts = nil
 	}
 	if *scale != "" {
 		cfg.scaleCounts = nil
@@ -109,6 +136,13 @@ func run() error {
 			cfg.scaleCounts[i] = maxStreams
 		}
 	}
+	for i, n := range cfg.fanoutCounts {
+		if n > maxStreams {
+			log.Printf("fanout: %d subscribers do not fit the open-files limit of %d; measuring %d", n, limit, maxStreams)
+			cfg.fanoutCounts[i] = maxStreams
+			cfg.fanoutCapped = true
+		}
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -121,7 +155,8 @@ func run() error {
 
 	l := &launcher{scratch: scratch, heartbeat: cfg.heartbeat, running: map[*gateway]bool{}}
 	defer l.stopAll()
-	if needsCaddy(cfg.targets) {
+	all := append(slices.Clone(cfg.targets), cfg.fanoutTargets...)
+	if needsCaddy(all) {
 		l.caddyBin = *caddyBin
 		if l.caddyBin == "" {
 			l.caddyBin = filepath.Join(scratch, "caddy")
@@ -134,8 +169,13 @@ func run() error {
 			}
 		}
 	}
-	if slicesContains(cfg.targets, targetNginx) {
+	if slicesContains(all, targetNginx) || slicesContains(all, targetNchan) {
 		if l.nginxBin, err = findOrInstallNginx(); err != nil {
+			return err
+		}
+	}
+	if slicesContains(all, targetNchan) {
+		if l.nchanMod, err = findNchanModule(); err != nil {
 			return err
 		}
 	}
@@ -165,6 +205,9 @@ func run() error {
 		}
 	}
 	if err := b.runScale(ctx); err != nil {
+		return err
+	}
+	if err := b.runFanout(ctx); err != nil {
 		return err
 	}
 	if *profile != "" && slicesContains(cfg.targets, targetSSE) {
@@ -228,7 +271,7 @@ func raiseOpenFiles() (uint64, error) {
 }
 
 func needsCaddy(targets []string) bool {
-	return slicesContains(targets, targetCaddy) || slicesContains(targets, targetSSE)
+	return slicesContains(targets, targetCaddy) || slicesContains(targets, targetSSE) || slicesContains(targets, targetShare)
 }
 
 func slicesContains(list []string, s string) bool {
@@ -259,14 +302,19 @@ func findOrInstallNginx() (string, error) {
 		return "", errors.New("nginx is not installed and installing it needs root: apt-get install -y nginx")
 	}
 	log.Print("installing nginx from Debian")
-	install := exec.Command("sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx")
-	install.Stdout, install.Stderr = os.Stderr, os.Stderr
-	if err := install.Run(); err != nil {
+	if err := aptInstall("nginx"); err != nil {
 		return "", fmt.Errorf("install nginx: %w", err)
 	}
 	// Debian's package may start its own service on port 80; this run uses
 	// its own instance and leaves that one alone.
 	return find()
+}
+
+// aptInstall installs a Debian package.
+func aptInstall(pkg string) error {
+	install := exec.Command("sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "+pkg)
+	install.Stdout, install.Stderr = os.Stderr, os.Stderr
+	return install.Run()
 }
 
 // profileSSE takes CPU profiles of the sse target under the two loads where

@@ -15,7 +15,7 @@ import (
 
 // targetStyle gives every target the same colour and marker in every plot.
 func targetStyle(targets []string, name string) int {
-	for i, t := range []string{targetDirect, targetCaddy, targetSSE, targetNginx} {
+	for i, t := range []string{targetDirect, targetCaddy, targetSSE, targetNginx, targetShare, targetNchan} {
 		if t == name {
 			return i
 		}
@@ -28,6 +28,14 @@ func targetStyle(targets []string, name string) int {
 func writePlots(res *results, dir string) error {
 	for _, n := range res.cfg.latencyCounts {
 		if err := latencyPlot(res, n, filepath.Join(dir, fmt.Sprintf("bench-latency-%d.png", n))); err != nil {
+			return err
+		}
+	}
+	for _, n := range res.cfg.fanoutCounts {
+		if len(res.fanout) == 0 {
+			break
+		}
+		if err := fanoutPlot(res, n, filepath.Join(dir, fmt.Sprintf("bench-fanout-%d.png", n))); err != nil {
 			return err
 		}
 	}

@@ -179,6 +179,13 @@ func writeReport(res *results, m machine, notes, path string) error {
 	for _, t := range cfg.targets {
 		w("- **%s**: %s.\n", t, targetDescriptions[t])
 	}
+	if len(res.fanout) > 0 {
+		for _, t := range cfg.fanoutTargets {
+			if !slicesContains(cfg.targets, t) {
+				w("- **%s**: %s.\n", t, targetDescriptions[t])
+			}
+		}
+	}
 	w("\nEach Caddy target is its own process of the binary built from `cmd/caddy`, with its own Caddyfile (admin\n")
 	w("API on a free loopback port, used for `/metrics` and `/debug/pprof`); nginx is Debian's, started with its\n")
 	w("own configuration (2 workers, `worker_connections 20000`) and stopped afterwards. Memory is VmRSS from\n")
@@ -191,7 +198,11 @@ func writeReport(res *results, m machine, notes, path string) error {
 
 	// Targets of the issue.
 	rows := targetRows(res)
-	w("## Against the targets of issue 5\n\n")
+	if len(res.fanout) > 0 {
+		w("## Against the targets of issues 5 and 11\n\n")
+	} else {
+		w("## Against the targets of issue 5\n\n")
+	}
 	w("| target | measured | verdict |\n|---|---|---|\n")
 	missed := 0
 	for _, row := range rows {
@@ -328,6 +339,8 @@ func writeReport(res *results, m machine, notes, path string) error {
 		w("run is listed under the problems.\n\n")
 		teardownTable(w, cfg, res.churnFor, true)
 	}
+
+	fanoutSection(w, res)
 
 	if text := analysis(res, m); text != "" {
 		w("## What this run's figures say\n\n")
@@ -526,5 +539,6 @@ func targetRows(res *results) []targetRow {
 		res.teardownFor(targetSSE), res.teardownFor)
 	teardownRow(fmt.Sprintf("teardown p99 ≤ %s under churn (%d streams held, %.0f closes + opens/s)", teardownGoal, cfg.churnStreams, cfg.churnRate),
 		res.churnFor(targetSSE), res.churnFor)
+	fanoutRows(res, add)
 	return rows
 }

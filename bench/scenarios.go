@@ -42,6 +42,19 @@ type config struct {
 	churnRate    float64
 	churnMeasure time.Duration
 
+	// The fan-out scenario subscribes fanoutCounts clients to one path of
+	// each of fanoutTargets and sends one event to all of them every
+	// fanoutInterval; it keeps the events sent in fanoutMeasure after
+	// fanoutWarmup, and waits fanoutDeliver for the last to arrive.
+	fanoutTargets  []string
+	fanoutCounts   []int
+	fanoutInterval time.Duration
+	fanoutWarmup   time.Duration
+	fanoutMeasure  time.Duration
+	fanoutDeliver  time.Duration
+	// fanoutCapped says a count was lowered to fit the open-files limit.
+	fanoutCapped bool
+
 	dialParallel int
 }
 
@@ -64,6 +77,11 @@ func fullConfig() config {
 		churnStreams:      300,
 		churnRate:         200,
 		churnMeasure:      5 * time.Second,
+		fanoutCounts:      []int{1, 1000, fanoutGoalSubscribers},
+		fanoutInterval:    200 * time.Millisecond,
+		fanoutWarmup:      time.Second,
+		fanoutMeasure:     4 * time.Second,
+		fanoutDeliver:     2 * time.Second,
 		dialParallel:      128,
 	}
 }
@@ -91,6 +109,11 @@ func smokeConfig() config {
 		churnStreams:      20,
 		churnRate:         50,
 		churnMeasure:      400 * time.Millisecond,
+		fanoutCounts:      []int{1, 20},
+		fanoutInterval:    100 * time.Millisecond,
+		fanoutWarmup:      200 * time.Millisecond,
+		fanoutMeasure:     500 * time.Millisecond,
+		fanoutDeliver:     300 * time.Millisecond,
 		dialParallel:      32,
 	}
 }
@@ -185,6 +208,7 @@ type results struct {
 	scale      []*scaleResult
 	teardown   []*teardownResult
 	churn      []*teardownResult
+	fanout     []*fanoutResult
 	problems   []string
 }
 

@@ -27,6 +27,9 @@ const (
 	targetCaddy  = "caddy"
 	targetSSE    = "caddy+sse"
 	targetNginx  = "nginx"
+	// The fan-out scenario's own targets (see fanout.go).
+	targetShare = "caddy+sse+share"
+	targetNchan = "nchan"
 )
 
 // targetDescriptions says in the report what each target is.
@@ -35,6 +38,8 @@ var targetDescriptions = map[string]string{
 	targetCaddy:  "Caddy, bare `reverse_proxy` with `flush_interval -1`",
 	targetSSE:    "Caddy, `sse` + the same `reverse_proxy`",
 	targetNginx:  "nginx from Debian, `proxy_buffering off`, HTTP/1.1 to the upstream",
+	targetShare:  "Caddy, `sse { share }` + the same `reverse_proxy` (fan-out scenario only)",
+	targetNchan:  "nginx from Debian with Debian's Nchan module: subscribers on an `nchan_subscriber eventsource` location, each event published once by HTTP POST to an `nchan_publisher` location; no upstream (fan-out scenario only)",
 }
 
 // gateway is a running target: the address clients connect to and, for the
@@ -56,6 +61,7 @@ type gateway struct {
 type launcher struct {
 	caddyBin  string
 	nginxBin  string
+	nchanMod  string // Debian's ngx_nchan_module.so
 	scratch   string
 	heartbeat time.Duration
 	upstream  string
@@ -93,13 +99,13 @@ func (l *launcher) start(name string) (*gateway, error) {
 	}
 	g := &gateway{name: name, addr: fmt.Sprintf("127.0.0.1:%d", port), exited: make(chan struct{}), logPath: filepath.Join(dir, "log")}
 	switch name {
-	case targetCaddy, targetSSE:
+	case targetCaddy, targetSSE, targetShare:
 		adminPort, err := freePort()
 		if err != nil {
 			return nil, err
 		}
 		g.admin = fmt.Sprintf("127.0.0.1:%d", adminPort)
-		conf := caddyfile(port, adminPort, l.upstream, name == targetSSE, l.heartbeat)
+		conf := caddyfile(port, adminPort, l.upstream, name != targetCaddy, name == targetShare, l.heartbeat)
 		if err := os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(conf), 0o644); err != nil {
 			return nil, err
 		}
@@ -108,8 +114,11 @@ func (l *launcher) start(name string) (*gateway, error) {
 		// directories; keep them in the scratch directory.
 		g.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 		g.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	case targetNginx:
+	case targetNginx, targetNchan:
 		conf := nginxConf(port, l.upstream, dir)
+		if name == targetNchan {
+			conf = nchanConf(port, l.nchanMod, dir)
+		}
 		if err := os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(conf), 0o644); err != nil {
 			return nil, err
 		}
@@ -156,7 +165,7 @@ func (g *gateway) waitListening(limit time.Duration) error {
 		c, err := net.DialTimeout("tcp", g.addr, time.Second)
 		if err == nil {
 			c.Close()
-			if g.name != targetNginx || len(g.pids()) > 1 {
+			if !g.children || len(g.pids()) > 1 {
 				return nil
 			}
 		}
@@ -200,14 +209,18 @@ func (l *launcher) stopAll() {
 	}
 }
 
-// caddyfile is the configuration of a Caddy target. The two Caddy targets
-// differ only by the sse directive.
-func caddyfile(port, adminPort int, upstream string, withSSE bool, heartbeat time.Duration) string {
+// caddyfile is the configuration of a Caddy target. The Caddy targets differ
+// only by the sse directive and its share option.
+func caddyfile(port, adminPort int, upstream string, withSSE, share bool, heartbeat time.Duration) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "{\n\tadmin 127.0.0.1:%d\n\tpersist_config off\n\tauto_https off\n\tgrace_period 1s\n}\n\n", adminPort)
 	fmt.Fprintf(&b, "http://:%d {\n\tbind 127.0.0.1\n", port)
 	if withSSE {
-		fmt.Fprintf(&b, "\tsse {\n\t\theartbeat %s\n\t}\n", heartbeat)
+		fmt.Fprintf(&b, "\tsse {\n\t\theartbeat %s\n", heartbeat)
+		if share {
+			b.WriteString("\t\tshare\n")
+		}
+		b.WriteString("\t}\n")
 	}
 	fmt.Fprintf(&b, "\treverse_proxy %s {\n\t\tflush_interval -1\n\t}\n}\n", upstream)
 	return b.String()
@@ -250,6 +263,48 @@ http {
     }
 }
 `, port, upstream, dir)
+}
+
+// nchanConf is the configuration of the Nchan target: nginx as for the nginx
+// target, with Debian's Nchan module loaded, subscribers on /broadcast (the
+// path the fan-out clients ask for) and the publisher on /pub, one channel.
+func nchanConf(port int, module, dir string) string {
+	return fmt.Sprintf(`load_module %[2]s;
+daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid %[3]s/nginx.pid;
+error_log %[3]s/error.log warn;
+
+events {
+    worker_connections 20000;
+    use epoll;
+}
+
+http {
+    access_log off;
+    client_body_temp_path %[3]s/client_body;
+    proxy_temp_path %[3]s/proxy;
+    fastcgi_temp_path %[3]s/fastcgi;
+    uwsgi_temp_path %[3]s/uwsgi;
+    scgi_temp_path %[3]s/scgi;
+
+    server {
+        listen 127.0.0.1:%[1]d backlog=4096;
+        location = /broadcast {
+            nchan_subscriber eventsource;
+            nchan_channel_id fanout;
+            nchan_subscriber_timeout 0;
+        }
+        location = /pub {
+            nchan_publisher http;
+            nchan_channel_id fanout;
+            nchan_message_buffer_length 10;
+        }
+    }
+}
+`, port, module, dir)
 }
 
 // pids lists the processes that make up the target: the process started and,

@@ -37,7 +37,13 @@ type upstream struct {
 	// gave up because it fell more than maxLag behind its schedule.
 	sent, skipped atomic.Int64
 
+	// broadcasting counts the /broadcast requests being served: the
+	// upstream connections a fan-out run costs.
+	broadcasting atomic.Int64
+
 	mu sync.Mutex
+	// next is the broadcast event every /broadcast handler waits for.
+	next *broadcastEvent
 	// endedAt maps a teardown stream's id to the moment its request context
 	// was done.
 	endedAt map[int]time.Time
@@ -49,10 +55,11 @@ func startUpstream() (*upstream, error) {
 	if err != nil {
 		return nil, err
 	}
-	u := &upstream{listener: ln, endedAt: make(map[int]time.Time)}
+	u := &upstream{listener: ln, endedAt: make(map[int]time.Time), next: &broadcastEvent{ready: make(chan struct{})}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/events", u.serveEvents)
 	mux.HandleFunc("/idle", u.serveIdle)
+	mux.HandleFunc("/broadcast", u.serveBroadcast)
 	u.server = &http.Server{Handler: mux, ErrorLog: discardLogger()}
 	go func() { _ = u.server.Serve(ln) }()
 	return u, nil
@@ -261,3 +268,74 @@ func parseStamp(data []byte) (int64, bool) {
 }
 
 var errNotStream = errors.New("response is not an event stream")
+
+// broadcastEvent is one event of /broadcast, written to every connection at
+// once: each handler waits on ready, writes event, and moves on to next.
+type broadcastEvent struct {
+	ready chan struct{}
+	event []byte
+	next  *broadcastEvent
+}
+
+// broadcast sends one stamped event of size bytes to every /broadcast
+// connection: it stamps it with now and wakes every handler, each of which
+// writes and flushes it on its own goroutine.
+func (u *upstream) broadcast(size int, now int64) {
+	event := stampedEvent(size)
+	writeStamp(event[len("data: "):len("data: ")+stampDigits], now)
+	u.mu.Lock()
+	e := u.next
+	e.event = event
+	e.next = &broadcastEvent{ready: make(chan struct{})}
+	u.next = e.next
+	u.mu.Unlock()
+	close(e.ready)
+}
+
+// stampedEvent is a data event of size bytes with room for a stamp.
+func stampedEvent(size int) []byte {
+	size = max(size, len("data: \n\n")+stampDigits)
+	event := make([]byte, size)
+	copy(event, "data: ")
+	for i := len("data: ") + stampDigits; i < size-2; i++ {
+		event[i] = 'x'
+	}
+	event[len("data: ")+stampDigits] = ' '
+	event[size-2], event[size-1] = '\n', '\n'
+	return event
+}
+
+// serveBroadcast opens a stream, sends the ready event, then every event
+// broadcast from then on, until the request ends or `dur` passes.
+func (u *upstream) serveBroadcast(w http.ResponseWriter, r *http.Request) {
+	u.active.Add(1)
+	defer u.active.Add(-1)
+	u.broadcasting.Add(1)
+	defer u.broadcasting.Add(-1)
+	lifetime := queryDuration(r, "dur", time.Minute)
+	u.mu.Lock()
+	e := u.next
+	u.mu.Unlock()
+	rc, err := startStream(w)
+	if err != nil {
+		return
+	}
+	stop := time.NewTimer(lifetime)
+	defer stop.Stop()
+	for {
+		select {
+		case <-e.ready:
+		case <-r.Context().Done():
+			return
+		case <-stop.C:
+			return
+		}
+		if _, err := w.Write(e.event); err != nil {
+			return
+		}
+		if rc.Flush() != nil {
+			return
+		}
+		e = e.next
+	}
+}
