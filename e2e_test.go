@@ -379,7 +379,7 @@ func (s *clientStream) waitEnd(t *testing.T) (string, error) {
 }
 
 // checkNoStreamGoroutines fails if any goroutine of this module is left,
-// such as a timer callback of a stream that ended.
+// such as a timer callback of a stream that ended, or a shared stream's.
 func checkNoStreamGoroutines(t *testing.T) {
 	t.Helper()
 	deadline := time.Now().Add(e2eWait)
@@ -388,7 +388,8 @@ func checkNoStreamGoroutines(t *testing.T) {
 		stacks := string(buf[:runtime.Stack(buf, true)])
 		var left []string
 		for _, g := range strings.Split(stacks, "\n\n") {
-			if strings.Contains(g, "caddy-sse.(*stream)") || strings.Contains(g, "caddy-sse.(*Handler)") {
+			if strings.Contains(g, "caddy-sse.(*stream)") || strings.Contains(g, "caddy-sse.(*Handler)") ||
+				strings.Contains(g, "caddy-sse.(*hub") {
 				left = append(left, g)
 			}
 		}

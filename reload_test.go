@@ -56,7 +56,7 @@ func TestE2EReloadDrainsStreams(t *testing.T) {
 		})
 	}
 	tester.InitServer(reloadConfig(up, "v1"), "caddyfile")
-	before := scrapeMetrics(t)
+	before := scrapeMetrics(t, "http://localhost:2999")
 
 	transport := e2eTransport()
 	transport.MaxIdleConnsPerHost = -1
@@ -130,7 +130,7 @@ func TestE2EReloadDrainsStreams(t *testing.T) {
 	s.cancel()
 	req.waitGone(t)
 
-	after := scrapeMetrics(t)
+	after := scrapeMetrics(t, "http://localhost:2999")
 	if d := after[`caddy_sse_streams_ended_total{reason="drain"}`] - before[`caddy_sse_streams_ended_total{reason="drain"}`]; d != streams {
 		t.Errorf("metrics: %v streams ended by drain, want %d", d, streams)
 	}
@@ -141,16 +141,16 @@ func TestE2EReloadDrainsStreams(t *testing.T) {
 		t.Errorf("metrics: no heartbeats counted")
 	}
 	checkNoStreamGoroutines(t)
-	if active := scrapeMetrics(t)["caddy_sse_streams_active"]; active != 0 {
+	if active := scrapeMetrics(t, "http://localhost:2999")["caddy_sse_streams_active"]; active != 0 {
 		t.Errorf("metrics: %v streams active after all ended", active)
 	}
 }
 
 // scrapeMetrics reads Caddy's metrics endpoint (the admin API's /metrics)
 // into a map from series to value.
-func scrapeMetrics(t *testing.T) map[string]float64 {
+func scrapeMetrics(t *testing.T, admin string) map[string]float64 {
 	t.Helper()
-	resp, err := plainClient.Get("http://localhost:2999/metrics")
+	resp, err := plainClient.Get(admin + "/metrics")
 	if err != nil {
 		t.Fatalf("scraping metrics: %v", err)
 	}

@@ -1,7 +1,6 @@
 package caddysse
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -9,7 +8,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -209,53 +207,6 @@ func eventData(body string) []string {
 	return data
 }
 
-func scrapeShareMetrics(t *testing.T) map[string]float64 {
-	t.Helper()
-	resp, err := http.Get(shareAdmin + "/metrics")
-	if err != nil {
-		t.Fatalf("scraping metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	series := map[string]float64{}
-	lines := bufio.NewScanner(resp.Body)
-	for lines.Scan() {
-		line := lines.Text()
-		if !strings.HasPrefix(line, "caddy_sse_") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			t.Fatalf("bad metrics line %q", line)
-		}
-		series[line[:i]] = v
-	}
-	return series
-}
-
-// checkNoHubGoroutines fails if a goroutine of a stream or hub is left.
-func checkNoHubGoroutines(t *testing.T) {
-	t.Helper()
-	deadline := time.Now().Add(e2eWait)
-	for {
-		buf := make([]byte, 1<<20)
-		stacks := string(buf[:runtime.Stack(buf, true)])
-		var left []string
-		for _, g := range strings.Split(stacks, "\n\n") {
-			if strings.Contains(g, "caddy-sse.(*stream)") || strings.Contains(g, "caddy-sse.(*hub") {
-				left = append(left, g)
-			}
-		}
-		if len(left) == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines of the module outlived their streams:\n%s", len(left), strings.Join(left, "\n\n"))
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func TestShareE2E(t *testing.T) {
 	up := newShareUpstream(t)
 	tester := startShareCaddy(t, up)
@@ -358,7 +309,7 @@ func TestShareE2E(t *testing.T) {
 		b.cancel()
 		c.cancel()
 		req.waitGone(t)
-		if m := scrapeShareMetrics(t); m["caddy_sse_shared_upstream_reconnects_total"] < 3 || m["caddy_sse_shared_replayed_events_total"] < 1 {
+		if m := scrapeMetrics(t, shareAdmin); m["caddy_sse_shared_upstream_reconnects_total"] < 3 || m["caddy_sse_shared_replayed_events_total"] < 1 {
 			t.Errorf("metrics %v", m)
 		}
 	})
@@ -427,14 +378,14 @@ func TestShareE2E(t *testing.T) {
 		defer conn.Close()
 		fmt.Fprintf(conn, "GET /slow HTTP/1.1\r\nHost: localhost:29180\r\nAccept: text/event-stream\r\n\r\n")
 		deadline := time.Now().Add(e2eWait)
-		for scrapeShareMetrics(t)["caddy_sse_shared_subscribers"] < 2 {
+		for scrapeMetrics(t, shareAdmin)["caddy_sse_shared_subscribers"] < 2 {
 			if time.Now().After(deadline) {
 				t.Fatal("slow client never joined")
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
 		const endedSlow = `caddy_sse_streams_ended_total{reason="slow_client"}`
-		m0 := scrapeShareMetrics(t)
+		m0 := scrapeMetrics(t, shareAdmin)
 		before := m0["caddy_sse_shared_slow_drops_total"]
 		chunk := strings.Repeat("x", 16<<10)
 		dropped := false
@@ -447,7 +398,7 @@ func TestShareE2E(t *testing.T) {
 				req.send(t, fmt.Sprintf("data: %d-%d %s\n\n", batch, i, chunk))
 			}
 			fast.waitFor(t, fmt.Sprintf("data: %d-15 ", batch))
-			dropped = scrapeShareMetrics(t)["caddy_sse_shared_slow_drops_total"] > before
+			dropped = scrapeMetrics(t, shareAdmin)["caddy_sse_shared_slow_drops_total"] > before
 		}
 		if !dropped {
 			t.Fatal("slow client was not dropped")
@@ -455,7 +406,7 @@ func TestShareE2E(t *testing.T) {
 		t.Logf("slow client dropped after %d MiB", batches/4)
 		// The drop shows as the stream's end, once its handler has returned.
 		deadline = time.Now().Add(e2eWait)
-		for scrapeShareMetrics(t)[endedSlow] <= m0[endedSlow] {
+		for scrapeMetrics(t, shareAdmin)[endedSlow] <= m0[endedSlow] {
 			if time.Now().After(deadline) {
 				t.Fatal("no stream ended with reason slow_client")
 			}
@@ -514,8 +465,8 @@ func TestShareE2E(t *testing.T) {
 		for _, req := range reqs {
 			req.waitGone(t)
 		}
-		checkNoHubGoroutines(t)
-		if m := scrapeShareMetrics(t); m["caddy_sse_shared_upstreams_open"] != 0 || m["caddy_sse_shared_subscribers"] != 0 {
+		checkNoStreamGoroutines(t)
+		if m := scrapeMetrics(t, shareAdmin); m["caddy_sse_shared_upstreams_open"] != 0 || m["caddy_sse_shared_subscribers"] != 0 {
 			t.Errorf("after drain: %v upstreams, %v subscribers", m["caddy_sse_shared_upstreams_open"], m["caddy_sse_shared_subscribers"])
 		}
 	})
