@@ -78,8 +78,9 @@ type ShareConfig struct {
 	// MaxBacklog is how many bytes of events (not counting the newest) a
 	// client may be behind the upstream before it is closed with reason
 	// slow_client; it can come back and replay what it missed. A slow
-	// client never slows the others or the upstream. In bytes. Default:
-	// 1 MiB.
+	// client never slows the others or the upstream. It also bounds one
+	// event: an event in flight that grows past it ends the upstream
+	// request, which is asked again. In bytes. Default: 1 MiB.
 	MaxBacklog int64 `json:"max_backlog,omitempty"`
 }
 
@@ -868,7 +869,9 @@ func (hw *hubWriter) Write(p []byte) (int, error) {
 		if err := hb.ctx.Err(); err != nil {
 			return 0, context.Cause(hb.ctx)
 		}
-		hw.split(p)
+		if err := hw.split(p); err != nil {
+			return 0, err
+		}
 		return len(p), nil
 	}
 	return 0, errStreamClosed
@@ -885,13 +888,23 @@ func (hw *hubWriter) Flush() {
 	}
 }
 
+// errEventTooLarge ends an upstream attempt whose event in flight grew past
+// max_backlog: no client could be sent it without falling that far behind,
+// and the hub must not hold an unbounded event. The hub asks again, as for
+// any broken upstream.
+var errEventTooLarge = errors.New("sse: a shared stream's event is larger than max_backlog")
+
 // split cuts the upstream's bytes into whole events.
-func (hw *hubWriter) split(p []byte) {
+func (hw *hubWriter) split(p []byte) error {
 	prefix, rest := hw.state.takeBOM(p, true)
 	hw.pending = append(hw.pending, prefix...)
 	for len(rest) > 0 {
 		n := hw.state.scan(rest, true)
 		if !hw.state.atBoundary() {
+			if int64(len(hw.pending)+n) > hw.hub.set.h.Share.MaxBacklog {
+				hw.pending = nil
+				return errEventTooLarge
+			}
 			hw.pending = append(hw.pending, rest[:n]...)
 			rest = rest[n:]
 			continue
@@ -918,6 +931,7 @@ func (hw *hubWriter) split(p []byte) {
 	hb.mu.Lock()
 	hb.inFlight = inFlight
 	hb.mu.Unlock()
+	return nil
 }
 
 // event takes one chunk that ends at an event boundary: an event, or

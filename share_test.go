@@ -356,6 +356,37 @@ func advanceUntilRequest(t *testing.T, clock *fakeClock, up *hubUpstream) *hubRe
 	}
 }
 
+// TestShareEventOverMaxBacklogIsNotHeld checks that the hub does not hold
+// an event in flight without bound: past max_backlog the upstream attempt
+// ends, nobody gets the cut event, and the hub asks again.
+func TestShareEventOverMaxBacklogIsNotHeld(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, clock := shareHandler(t, &ShareConfig{MaxBacklog: 64})
+	up := newHubUpstream()
+	a := startClient(t, h, up, "/big")
+	hr := up.next(t)
+	waitSubscribers(t, h, 1)
+	hr.send(t, "id: 1\ndata: one\n\n")
+	hr.send(t, "id: 2\ndata: "+strings.Repeat("x", 40))
+	select {
+	case hr.chunks <- []byte(strings.Repeat("x", 40)):
+	case <-time.After(testWait):
+		t.Fatal("upstream write not taken")
+	}
+	if err := <-hr.acks; err == nil {
+		t.Fatal("the hub took an event in flight larger than max_backlog")
+	}
+	hr = advanceUntilRequest(t, clock, up)
+	if got := hr.r.Header.Get("Last-Event-ID"); got != "1" {
+		t.Errorf("reconnect Last-Event-ID %q, want 1", got)
+	}
+	hr.send(t, "id: 3\ndata: three\n\n")
+	a.waitBody(t, "id: 1\ndata: one\n\nid: 3\ndata: three\n\n")
+	a.cancel()
+	a.waitDone(t)
+	hr.waitGone(t)
+}
+
 func TestShareReconnectsWithoutGapOrDuplicate(t *testing.T) {
 	defer verifyNoNewGoroutines(t)()
 	h, clock := shareHandler(t, &ShareConfig{})
