@@ -271,16 +271,22 @@ var (
 
 func openStream(t *testing.T, path string, header ...string) *clientStream {
 	t.Helper()
+	return openStreamAt(t, e2eHost+path, header...)
+}
+
+// openStreamAt opens an event stream at url, with the header pairs given.
+func openStreamAt(t *testing.T, url string, header ...string) *clientStream {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e2eHost+path, nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	req.Header.Set("Accept", "text/event-stream")
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Set(header[i], header[i+1])
 	}
 	resp, err := streamClient.Do(req)
 	if err != nil {
-		t.Fatalf("GET %s: %v", path, err)
+		t.Fatalf("GET %s: %v", url, err)
 	}
 	s := &clientStream{resp: resp, cancel: cancel, change: make(chan struct{}, 1)}
 	go s.read(resp.Body)

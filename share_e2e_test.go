@@ -1,7 +1,6 @@
 package caddysse
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"net"
@@ -180,20 +179,7 @@ func startShareCaddy(t *testing.T, up *shareUpstream) *caddytest.Tester {
 
 func openShared(t *testing.T, path string, header ...string) *clientStream {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, shareHost+path, nil)
-	req.Header.Set("Accept", "text/event-stream")
-	for i := 0; i+1 < len(header); i += 2 {
-		req.Header.Set(header[i], header[i+1])
-	}
-	resp, err := streamClient.Do(req)
-	if err != nil {
-		t.Fatalf("GET %s: %v", path, err)
-	}
-	s := &clientStream{resp: resp, cancel: cancel, change: make(chan struct{}, 1)}
-	go s.read(resp.Body)
-	return s
+	return openStreamAt(t, shareHost+path, header...)
 }
 
 // events returns the data of every event in body, in order.
