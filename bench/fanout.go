@@ -15,11 +15,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"gonum.org/v1/plot"
-	"gonum.org/v1/plot/plotter"
-	"gonum.org/v1/plot/plotutil"
-	"gonum.org/v1/plot/vg"
 )
 
 // The fan-out scenario (issue 11): N subscribers on one path, one event at a
@@ -534,33 +529,13 @@ func fanoutAnalysis(w func(string, ...any), res *results) {
 
 // fanoutPlot draws the CDF of fan-out latency at one subscriber count.
 func fanoutPlot(res *results, n int, path string) error {
-	p := plot.New()
-	p.Title.Text = fmt.Sprintf("Fan-out latency, one event to %s", subscribers(n))
-	p.X.Label.Text = "send to receipt (µs, log scale)"
-	p.Y.Label.Text = "fraction of deliveries"
-	p.X.Scale = plot.LogScale{}
-	p.X.Tick.Marker = plot.LogTicks{Prec: -1}
-	p.Y.Min, p.Y.Max = 0, 1
-	p.Legend.Left = true
-	p.Legend.Top = true
-	p.Add(plotter.NewGrid())
-	for _, t := range res.cfg.fanoutTargets {
-		f := res.fanoutFor(t, n)
-		if f == nil || len(f.samples) == 0 {
-			continue
+	title := fmt.Sprintf("Fan-out latency, one event to %s", subscribers(n))
+	return cdfPlot(res, title, "send to receipt (µs, log scale)", "fraction of deliveries", res.cfg.fanoutTargets, func(t string) []int64 {
+		if f := res.fanoutFor(t, n); f != nil {
+			return f.samples
 		}
-		line, err := plotter.NewLine(cdfPoints(f.samples))
-		if err != nil {
-			return err
-		}
-		i := targetStyle(res.cfg.targets, t)
-		line.Color = plotutil.Color(i)
-		line.Width = vg.Points(1.5)
-		line.Dashes = plotutil.Dashes(i)
-		p.Add(line)
-		p.Legend.Add(t, line)
-	}
-	return p.Save(18*vg.Centimeter, 11*vg.Centimeter, path)
+		return nil
+	}, path)
 }
 
 // subscribers says "1 subscriber", "20 subscribers".

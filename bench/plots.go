@@ -67,22 +67,34 @@ func cdfPoints(sorted []int64) plotter.XYs {
 }
 
 func latencyPlot(res *results, n int, path string) error {
+	title := fmt.Sprintf("Event latency, %d stream%s (%.0f events/s in total)", n, plural(n), res.cfg.eventRate)
+	return cdfPlot(res, title, "latency (µs, log scale)", "fraction of events", res.cfg.targets, func(t string) []int64 {
+		if l := res.latencyFor(t, n); l != nil {
+			return l.samples
+		}
+		return nil
+	}, path)
+}
+
+// cdfPlot draws one CDF line per target, of the sorted samples (ns) that
+// samplesFor gives, on a log axis.
+func cdfPlot(res *results, title, xLabel, yLabel string, targets []string, samplesFor func(target string) []int64, path string) error {
 	p := plot.New()
-	p.Title.Text = fmt.Sprintf("Event latency, %d stream%s (%.0f events/s in total)", n, plural(n), res.cfg.eventRate)
-	p.X.Label.Text = "latency (µs, log scale)"
-	p.Y.Label.Text = "fraction of events"
+	p.Title.Text = title
+	p.X.Label.Text = xLabel
+	p.Y.Label.Text = yLabel
 	p.X.Scale = plot.LogScale{}
 	p.X.Tick.Marker = plot.LogTicks{Prec: -1}
 	p.Y.Min, p.Y.Max = 0, 1
 	p.Legend.Left = true
 	p.Legend.Top = true
 	p.Add(plotter.NewGrid())
-	for _, t := range res.cfg.targets {
-		l := res.latencyFor(t, n)
-		if l == nil || len(l.samples) == 0 {
+	for _, t := range targets {
+		samples := samplesFor(t)
+		if len(samples) == 0 {
 			continue
 		}
-		line, err := plotter.NewLine(cdfPoints(l.samples))
+		line, err := plotter.NewLine(cdfPoints(samples))
 		if err != nil {
 			return err
 		}

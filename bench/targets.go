@@ -229,30 +229,8 @@ func caddyfile(port, adminPort int, upstream string, withSSE, share bool, heartb
 // nginxConf is the configuration of the nginx target: two workers (one per
 // core, like Caddy's GOMAXPROCS), no buffering, HTTP/1.1 to the upstream.
 func nginxConf(port int, upstream, dir string) string {
-	return fmt.Sprintf(`daemon off;
-master_process on;
-worker_processes 2;
-worker_rlimit_nofile 20000;
-pid %[3]s/nginx.pid;
-error_log %[3]s/error.log warn;
-
-events {
-    worker_connections 20000;
-    use epoll;
-}
-
-http {
-    access_log off;
-    client_body_temp_path %[3]s/client_body;
-    proxy_temp_path %[3]s/proxy;
-    fastcgi_temp_path %[3]s/fastcgi;
-    uwsgi_temp_path %[3]s/uwsgi;
-    scgi_temp_path %[3]s/scgi;
-
-    server {
-        listen 127.0.0.1:%[1]d backlog=4096;
-        location / {
-            proxy_pass http://%[2]s;
+	return nginxMain("", dir, port, fmt.Sprintf(`        location / {
+            proxy_pass http://%s;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
@@ -260,39 +238,14 @@ http {
             proxy_read_timeout 1h;
             proxy_send_timeout 1h;
         }
-    }
-}
-`, port, upstream, dir)
+`, upstream))
 }
 
 // nchanConf is the configuration of the Nchan target: nginx as for the nginx
 // target, with Debian's Nchan module loaded, subscribers on /broadcast (the
 // path the fan-out clients ask for) and the publisher on /pub, one channel.
 func nchanConf(port int, module, dir string) string {
-	return fmt.Sprintf(`load_module %[2]s;
-daemon off;
-master_process on;
-worker_processes 2;
-worker_rlimit_nofile 20000;
-pid %[3]s/nginx.pid;
-error_log %[3]s/error.log warn;
-
-events {
-    worker_connections 20000;
-    use epoll;
-}
-
-http {
-    access_log off;
-    client_body_temp_path %[3]s/client_body;
-    proxy_temp_path %[3]s/proxy;
-    fastcgi_temp_path %[3]s/fastcgi;
-    uwsgi_temp_path %[3]s/uwsgi;
-    scgi_temp_path %[3]s/scgi;
-
-    server {
-        listen 127.0.0.1:%[1]d backlog=4096;
-        location = /broadcast {
+	return nginxMain("load_module "+module+";\n", dir, port, `        location = /broadcast {
             nchan_subscriber eventsource;
             nchan_channel_id fanout;
             nchan_subscriber_timeout 0;
@@ -302,9 +255,37 @@ http {
             nchan_channel_id fanout;
             nchan_message_buffer_length 10;
         }
-    }
+`)
 }
-`, port, module, dir)
+
+// nginxMain is what both nginx targets share: the process, its files under
+// dir, and one server on 127.0.0.1:port whose locations are given.
+func nginxMain(modules, dir string, port int, locations string) string {
+	return fmt.Sprintf(`%[1]sdaemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid %[2]s/nginx.pid;
+error_log %[2]s/error.log warn;
+
+events {
+    worker_connections 20000;
+    use epoll;
+}
+
+http {
+    access_log off;
+    client_body_temp_path %[2]s/client_body;
+    proxy_temp_path %[2]s/proxy;
+    fastcgi_temp_path %[2]s/fastcgi;
+    uwsgi_temp_path %[2]s/uwsgi;
+    scgi_temp_path %[2]s/scgi;
+
+    server {
+        listen 127.0.0.1:%[3]d backlog=4096;
+%[4]s    }
+}
+`, modules, dir, port, locations)
 }
 
 // pids lists the processes that make up the target: the process started and,
