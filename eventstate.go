@@ -33,9 +33,9 @@ type eventState struct {
 	// comment is true while the current line is a comment.
 	comment bool
 	// name holds the first bytes of the current line's field name; nameLen
-	// counts all of them, so a longer name never matches a known one.
+	// counts them up to one more, so a longer name never matches a known one.
 	name    [4]byte
-	nameLen int
+	nameLen uint8
 	// field is the current line's field, once its colon (or end) is read.
 	field fieldKind
 	// hasData is true when the event being read has a data field, so its
@@ -59,7 +59,7 @@ type eventState struct {
 
 	// bomMatched counts the bytes of a leading UTF-8 BOM read so far at the
 	// start of the upstream's body; bomDone once the start is behind.
-	bomMatched int
+	bomMatched uint8
 
 	// events counts dispatched events (blank lines after a data field).
 	events int64
@@ -190,10 +190,12 @@ func (s *eventState) scan(p []byte, stopAtBoundary bool) int {
 			i++
 			continue
 		}
-		if s.nameLen < len(s.name) {
+		if int(s.nameLen) < len(s.name) {
 			s.name[s.nameLen] = c
 		}
-		s.nameLen++
+		if int(s.nameLen) <= len(s.name) {
+			s.nameLen++
+		}
 		i++
 	}
 	return len(p)
