@@ -33,7 +33,7 @@ const (
 )
 
 // defaultFanoutTargets are the fan-out scenario's targets, in report order.
-var defaultFanoutTargets = []string{targetCaddy, targetShare, targetNginx, targetNchan}
+var defaultFanoutTargets = []string{targetCaddy, targetShare, targetFloor, targetNginx, targetNchan}
 
 type fanoutResult struct {
 	target      string
@@ -153,7 +153,7 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	// The publisher: one event per interval, stamped with the moment it is
 	// handed on (to the upstream's connections, or to Nchan's publisher).
 	publish := func(now int64) error { b.up.broadcast(b.cfg.eventSize, now); return nil }
-	if name == targetNchan {
+	if name == targetNchan || name == targetFloor {
 		client := &http.Client{Timeout: 5 * time.Second}
 		body := stampedEvent(b.cfg.eventSize)
 		body = body[len("data: ") : len(body)-2]
@@ -375,7 +375,7 @@ func fanoutRows(res *results, add func(bool, string, string)) {
 	}
 	measured := fmt.Sprintf("%.2f KiB", kib(perSub(s)))
 	var others []string
-	for _, t := range []string{targetCaddy, targetNginx, targetNchan} {
+	for _, t := range []string{targetFloor, targetCaddy, targetNginx, targetNchan} {
 		if o := res.fanoutFor(t, largest); o != nil && o.opened > 0 {
 			others = append(others, fmt.Sprintf("%s %.2f KiB", t, kib(perSub(o))))
 		}
@@ -456,7 +456,7 @@ func fanoutSection(w func(string, ...any), res *results) {
 				return ratio(float64(p99), float64(quantile(o.samples, 0.99)))
 			}
 			up := strconv.FormatInt(f.upstream, 10)
-			if t == targetNchan {
+			if t == targetNchan || t == targetFloor {
 				up = "—"
 			}
 			opened := fmt.Sprint(f.opened)
@@ -492,7 +492,7 @@ func fanoutAnalysis(w func(string, ...any), res *results) {
 		}
 	}
 	w(". One event to all of them, p99 from send to receipt: share %s", lat(quantile(s.samples, 0.99)))
-	for _, t := range []string{targetCaddy, targetNginx, targetNchan} {
+	for _, t := range []string{targetFloor, targetCaddy, targetNginx, targetNchan} {
 		if o := res.fanoutFor(t, largest); o != nil && len(o.samples) > 0 {
 			w(", %s %s", t, lat(quantile(o.samples, 0.99)))
 		}
@@ -501,12 +501,27 @@ func fanoutAnalysis(w func(string, ...any), res *results) {
 	if s.goRounds > 0 {
 		w(" (Go heap+stack after a collection %.2f KiB)", kib(s.goPerSub/float64(s.goRounds)))
 	}
-	for _, t := range []string{targetCaddy, targetNginx, targetNchan} {
+	for _, t := range []string{targetFloor, targetCaddy, targetNginx, targetNchan} {
 		if o := res.fanoutFor(t, largest); o != nil && o.opened > 0 {
 			w(", %s %.2f KiB", t, kib(o.perSubscriberRSS()))
 		}
 	}
 	w(".")
+	if f := res.fanoutFor(targetFloor, largest); f != nil && f.opened > 0 {
+		floor := f.perSubscriberRSS()
+		w(" caddy+floor holds nothing per subscriber but the open response, so what it costs, any Caddy handler that keeps a response open costs:")
+		if f.goRounds > 0 {
+			w(" %.2f KiB of RSS (Go heap+stack %.2f KiB),", kib(floor), kib(f.goPerSub/float64(f.goRounds)))
+		} else {
+			w(" %.2f KiB of RSS,", kib(floor))
+		}
+		if floor > fanoutGoalRSS {
+			w(" %.1f× the goal of %d KiB, which no Caddy handler can therefore meet on this machine;", floor/fanoutGoalRSS, fanoutGoalRSS>>10)
+		} else {
+			w(" within the goal of %d KiB;", fanoutGoalRSS>>10)
+		}
+		w(" share adds %.2f KiB per subscriber to it.", kib(s.perSubscriberRSS()-floor))
+	}
 	spread, what := -1.0, ""
 	for _, f := range res.fanout {
 		if len(f.roundP99) < 2 {

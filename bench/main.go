@@ -169,6 +169,16 @@ func run() error {
 			}
 		}
 	}
+	if slicesContains(all, targetFloor) {
+		l.floorBin = filepath.Join(scratch, "caddyfloor")
+		log.Printf("building Caddy with the floor handler from %s/internal/caddyfloor", *root)
+		build := exec.CommandContext(ctx, "go", "build", "-o", l.floorBin, "./internal/caddyfloor")
+		build.Dir = *root
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			return fmt.Errorf("build the floor Caddy: %w", err)
+		}
+	}
 	if slicesContains(all, targetNginx) || slicesContains(all, targetNchan) {
 		if l.nginxBin, err = findOrInstallNginx(); err != nil {
 			return err

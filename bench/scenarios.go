@@ -668,7 +668,8 @@ func (b *bench) runScaleOnce(ctx context.Context, name string, n int) (*scaleRes
 	}
 	goCell := ""
 	if r.goOK {
-		goCell = fmt.Sprintf("  Go heap+stack %.2f KiB/stream", kib(r.perStreamGo()))
+		goCell = fmt.Sprintf("  Go heap+stack %.2f KiB/stream (stack %.2f)", kib(r.perStreamGo()),
+			kib((r.goLoad.stackInuse-r.goBase.stackInuse)/float64(r.opened)))
 	}
 	log.Printf("%-34s rss %6.1f→%6.1f MiB  %6.2f KiB/stream%s  cpu %5.2f%%  heartbeats %d", what,
 		mib(r.rssBase), mib(r.rssLoad), kib(r.perStreamRSS()), goCell, r.cpu, r.heartbeats)

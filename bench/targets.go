@@ -30,6 +30,7 @@ const (
 	// The fan-out scenario's own targets (see fanout.go).
 	targetShare = "caddy+sse+share"
 	targetNchan = "nchan"
+	targetFloor = "caddy+floor"
 )
 
 // targetDescriptions says in the report what each target is.
@@ -39,6 +40,7 @@ var targetDescriptions = map[string]string{
 	targetSSE:    "Caddy, `sse` + the same `reverse_proxy`",
 	targetNginx:  "nginx from Debian, `proxy_buffering off`, HTTP/1.1 to the upstream",
 	targetShare:  "Caddy, `sse { share }` + the same `reverse_proxy` (fan-out scenario only)",
+	targetFloor:  "Caddy with a 40-line handler (`internal/caddyfloor`) that holds each subscriber's response open and writes each event POSTed to it, and nothing else: the least any Caddy handler holds per subscriber (fan-out scenario only)",
 	targetNchan:  "nginx from Debian with Debian's Nchan module: subscribers on an `nchan_subscriber eventsource` location, each event published once by HTTP POST to an `nchan_publisher` location; no upstream (fan-out scenario only)",
 }
 
@@ -60,6 +62,7 @@ type gateway struct {
 // remembers everything it started so that it can stop it all on the way out.
 type launcher struct {
 	caddyBin  string
+	floorBin  string // Caddy with the floor handler (internal/caddyfloor)
 	nginxBin  string
 	nchanMod  string // Debian's ngx_nchan_module.so
 	scratch   string
@@ -99,17 +102,21 @@ func (l *launcher) start(name string) (*gateway, error) {
 	}
 	g := &gateway{name: name, addr: fmt.Sprintf("127.0.0.1:%d", port), exited: make(chan struct{}), logPath: filepath.Join(dir, "log")}
 	switch name {
-	case targetCaddy, targetSSE, targetShare:
+	case targetCaddy, targetSSE, targetShare, targetFloor:
 		adminPort, err := freePort()
 		if err != nil {
 			return nil, err
 		}
 		g.admin = fmt.Sprintf("127.0.0.1:%d", adminPort)
 		conf := caddyfile(port, adminPort, l.upstream, name != targetCaddy, name == targetShare, l.heartbeat)
+		bin := l.caddyBin
+		if name == targetFloor {
+			conf, bin = floorCaddyfile(port, adminPort), l.floorBin
+		}
 		if err := os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(conf), 0o644); err != nil {
 			return nil, err
 		}
-		g.cmd = exec.Command(l.caddyBin, "run", "--config", filepath.Join(dir, "Caddyfile"), "--adapter", "caddyfile")
+		g.cmd = exec.Command(bin, "run", "--config", filepath.Join(dir, "Caddyfile"), "--adapter", "caddyfile")
 		// Caddy keeps its data and autosaved config under HOME / XDG
 		// directories; keep them in the scratch directory.
 		g.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
@@ -224,6 +231,13 @@ func caddyfile(port, adminPort int, upstream string, withSSE, share bool, heartb
 	}
 	fmt.Fprintf(&b, "\treverse_proxy %s {\n\t\tflush_interval -1\n\t}\n}\n", upstream)
 	return b.String()
+}
+
+// floorCaddyfile is the configuration of the floor target: its handler
+// holds GETs on every path and takes events POSTed to /pub, as Nchan does.
+func floorCaddyfile(port, adminPort int) string {
+	return fmt.Sprintf("{\n\tadmin 127.0.0.1:%d\n\tpersist_config off\n\tauto_https off\n\tgrace_period 1s\n}\n\n"+
+		"http://:%d {\n\tbind 127.0.0.1\n\tbench_floor\n}\n", adminPort, port)
 }
 
 // nginxConf is the configuration of the nginx target: two workers (one per
