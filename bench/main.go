@@ -160,23 +160,15 @@ func run() error {
 		l.caddyBin = *caddyBin
 		if l.caddyBin == "" {
 			l.caddyBin = filepath.Join(scratch, "caddy")
-			log.Printf("building Caddy from %s/cmd/caddy", *root)
-			build := exec.CommandContext(ctx, "go", "build", "-o", l.caddyBin, "./cmd/caddy")
-			build.Dir = *root
-			build.Stdout, build.Stderr = os.Stderr, os.Stderr
-			if err := build.Run(); err != nil {
-				return fmt.Errorf("build Caddy: %w", err)
+			if err := goBuild(ctx, *root, "./cmd/caddy", l.caddyBin); err != nil {
+				return err
 			}
 		}
 	}
 	if slicesContains(all, targetFloor) {
 		l.floorBin = filepath.Join(scratch, "caddyfloor")
-		log.Printf("building Caddy with the floor handler from %s/internal/caddyfloor", *root)
-		build := exec.CommandContext(ctx, "go", "build", "-o", l.floorBin, "./internal/caddyfloor")
-		build.Dir = *root
-		build.Stdout, build.Stderr = os.Stderr, os.Stderr
-		if err := build.Run(); err != nil {
-			return fmt.Errorf("build the floor Caddy: %w", err)
+		if err := goBuild(ctx, *root, "./internal/caddyfloor", l.floorBin); err != nil {
+			return err
 		}
 	}
 	if slicesContains(all, targetNginx) || slicesContains(all, targetNchan) {
@@ -278,6 +270,18 @@ func raiseOpenFiles() (uint64, error) {
 		return 0, err
 	}
 	return lim.Cur, nil
+}
+
+// goBuild builds the command pkg of the repository at root into out.
+func goBuild(ctx context.Context, root, pkg, out string) error {
+	log.Printf("building %s/%s", root, strings.TrimPrefix(pkg, "./"))
+	build := exec.CommandContext(ctx, "go", "build", "-o", out, pkg)
+	build.Dir = root
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("build %s: %w", pkg, err)
+	}
+	return nil
 }
 
 func needsCaddy(targets []string) bool {
