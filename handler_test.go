@@ -523,3 +523,45 @@ func TestRealTimersLeaveNothingBehind(t *testing.T) {
 	run.waitUpstreamGone()
 	run.wait()
 }
+
+// TestNextGetsItsContextInPlace checks the contract of the context the next
+// handler runs under: it is the request's own (its values), ended by the
+// gateway without ending the client's, carried by the same request rather
+// than a copy, and the handlers before the gateway get the request back
+// with the context it came with.
+func TestNextGetsItsContextInPlace(t *testing.T) {
+	type key struct{}
+	h := &Handler{IdleTimeout: seconds(2)}
+	clock, logs := provisionTest(t, h)
+	req := httptest.NewRequest(http.MethodGet, "/", nil)
+	req.Header.Set("Accept", "text/event-stream")
+	clientCtx := context.WithValue(req.Context(), key{}, "value")
+	req = req.WithContext(clientCtx)
+	var nextReq *http.Request
+	var nextCtx context.Context
+	next := handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		nextReq, nextCtx = r, r.Context()
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(http.StatusOK)
+		clock.Advance(2 * time.Second) // the gateway ends it: idle_timeout
+		select {
+		case <-r.Context().Done():
+		case <-time.After(5 * time.Second):
+			t.Error("the gateway's close did not end the next handler's context")
+		}
+		return nil
+	})
+	if err := h.ServeHTTP(httptest.NewRecorder(), req, next); err != nil {
+		t.Fatal(err)
+	}
+	wantReason(t, logs, reasonIdleTimeout)
+	if nextReq != req {
+		t.Error("the next handler got a copy of the request")
+	}
+	if nextCtx == clientCtx || nextCtx.Value(key{}) != "value" {
+		t.Error("the next handler's context is not one the gateway can end, or lost the request's values")
+	}
+	if req.Context() != clientCtx || clientCtx.Err() != nil {
+		t.Error("the request did not get its own context back, untouched")
+	}
+}
