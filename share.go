@@ -265,7 +265,7 @@ type hub struct {
 	runErr   error
 	panicked any
 
-	mu             sync.Mutex
+	mu             sync.RWMutex
 	state          hubState
 	status         int
 	header         http.Header
@@ -294,9 +294,11 @@ type hubEvent struct {
 
 // subscriber is one client of a hub.
 type subscriber struct {
-	s        *stream
-	pos      uint64 // next event to send; guarded by hub.mu
-	posStart int64  // where it starts in bytesTotal; guarded by hub.mu
+	s *stream
+	// pos and posStart are guarded by hub.mu; the client's own feeder
+	// writes them under its read lock, since it alone does.
+	pos      uint64 // next event to send
+	posStart int64  // where it starts in bytesTotal
 	// allow is how far behind it may fall: max_backlog, or what it had
 	// to catch up on when it came back to replay, if that is more.
 	allow   int64 // guarded by hub.mu
@@ -567,27 +569,30 @@ func (hb *hub) feed(sub *subscriber, w http.ResponseWriter, r *http.Request) err
 	status := hb.status
 	hb.mu.Unlock()
 	w.WriteHeader(status)
+	// Every client reads the hub at once when an event comes: under the read
+	// lock, so that they do not queue up on the hub's lock. Each writes only
+	// its own position.
 	for {
-		hb.mu.Lock()
+		hb.mu.RLock()
 		for sub.pos >= hb.nextSeq && hb.state != hubEnded {
 			ch := hb.notify
-			hb.mu.Unlock()
+			hb.mu.RUnlock()
 			select {
 			case <-ch:
 			case <-r.Context().Done():
 				return nil
 			}
-			hb.mu.Lock()
+			hb.mu.RLock()
 		}
 		if sub.pos < hb.firstSeq || hb.lastStart-sub.posStart > sub.allow || sub.dropped.Load() {
-			hb.mu.Unlock()
+			hb.mu.RUnlock()
 			sseMetrics.slowDrops.Inc()
 			sub.s.closeShared(reasonSlowClient)
 			return nil
 		}
 		if sub.pos >= hb.nextSeq {
 			reason := hb.endReason
-			hb.mu.Unlock()
+			hb.mu.RUnlock()
 			sub.s.closeShared(reason)
 			return nil
 		}
@@ -595,7 +600,7 @@ func (hb *hub) feed(sub *subscriber, w http.ResponseWriter, r *http.Request) err
 		sub.pos++
 		sub.posStart = ev.start + int64(len(ev.data))
 		sub.writing.Store(true)
-		hb.mu.Unlock()
+		hb.mu.RUnlock()
 		_, err := w.Write(ev.data)
 		sub.writing.Store(false)
 		if err != nil {
