@@ -1,6 +1,7 @@
 package caddysse
 
 import (
+	"fmt"
 	"strconv"
 	"strings"
 
@@ -182,6 +183,90 @@ func parseLineText(d *caddyfile.Dispenser, option, value string) (string, error)
 		return "", d.Errf("%s: must not contain CR or LF", option)
 	}
 	return value, nil
+}
+
+// unmarshalShare reads `share [<key>] { ... }`.
+func (h *Handler) unmarshalShare(d *caddyfile.Dispenser) error {
+	c := new(ShareConfig)
+	if d.NextArg() {
+		c.Key = d.Val()
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if seen[option] {
+			return d.Errf("share: %s: option given more than once", option)
+		}
+		seen[option] = true
+		if option == "assign_ids" {
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			c.AssignIDs = true
+			continue
+		}
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		value := d.Val()
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		switch option {
+		case "replay":
+			n, err := strconv.Atoi(value)
+			if err != nil || n < 0 {
+				return d.Errf("share: replay: want a whole number of events, 0 or more, got %q", value)
+			}
+			c.Replay = &n
+		case "linger":
+			if value == "off" {
+				c.Linger = -1
+				break
+			}
+			dur, err := parseDuration(d, "share: linger", value)
+			if err != nil {
+				return err
+			}
+			if dur == 0 {
+				return d.Errf("share: linger: 0 is ambiguous; write off to release the upstream at once, or a positive duration")
+			}
+			c.Linger = dur
+		case "max_backlog":
+			n, err := parseSize(value)
+			if err != nil || n < 1 {
+				return d.Errf("share: max_backlog: want a size such as 512KiB or 1MiB, got %q", value)
+			}
+			c.MaxBacklog = n
+		default:
+			return d.Errf("unrecognized share option %q", option)
+		}
+	}
+	h.Share = c
+	return nil
+}
+
+// parseSize parses a byte size: a whole number with an optional unit, B,
+// KB, KiB, MB, MiB, GB or GiB.
+func parseSize(s string) (int64, error) {
+	i := 0
+	for i < len(s) && s[i] >= '0' && s[i] <= '9' {
+		i++
+	}
+	n, err := strconv.ParseInt(s[:i], 10, 64)
+	if err != nil {
+		return 0, err
+	}
+	units := map[string]int64{"": 1, "b": 1, "kb": 1000, "kib": 1 << 10, "mb": 1000 * 1000,
+		"mib": 1 << 20, "gb": 1000 * 1000 * 1000, "gib": 1 << 30}
+	unit, ok := units[strings.ToLower(strings.TrimSpace(s[i:]))]
+	if !ok || n > (1<<62)/unit {
+		return 0, fmt.Errorf("invalid size %q", s)
+	}
+	return n * unit, nil
 }
 
 // Interface guards

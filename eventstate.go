@@ -61,8 +61,13 @@ type eventState struct {
 	// start of the upstream's body; bomDone once the start is behind.
 	bomMatched uint8
 
-	// events counts dispatched events (blank lines after a data field).
-	events int64
+	// events counts dispatched events (blank lines after a data field);
+	// ended counts the blank lines that ended an event, data or not; and
+	// idFields the id fields taken (shared streams split the upstream's
+	// events with them, share.go).
+	events   int64
+	ended    uint32 // compared, never summed: wraps harmlessly
+	idFields uint32
 	// ctlIDs counts ids with control characters other than NUL: the client
 	// keeps them and sends them back in Last-Event-ID, a header that
 	// servers refuse with such bytes.
@@ -231,6 +236,7 @@ func (s *eventState) endLine() {
 			if s.hasData {
 				s.events++
 			}
+			s.ended++
 			s.lastEventID = append(s.lastEventID[:0], s.idBuffer...)
 			s.lastEventIDKnown = s.idBufferKnown
 		}
@@ -255,6 +261,7 @@ func (s *eventState) endLine() {
 		s.hasData = true
 	case fieldID:
 		if !s.idNUL {
+			s.idFields++
 			s.idBuffer, s.idLine = s.idLine, s.idBuffer[:0]
 			s.idBufferKnown = !s.idTooLong
 			if s.idCtl {

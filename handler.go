@@ -182,7 +182,9 @@ type Handler struct {
 	logger        *zap.Logger
 	warnOpaque    *sync.Once // logs the undecodable-upstream warning once
 	quirks        *quirkReports
-	hubs          *hubSet // shared streams, when Share is set
+	hubs          *hubRegistry // shared streams, when Share is set
+	hubsPoolKey   string       // the registry's key in hubPool, once taken
+	hubsCountKey  any          // the key of the server's count of share handlers in hubPool, once taken
 }
 
 // Defaults of the options that have one.
@@ -239,15 +241,27 @@ func (h *Handler) Provision(ctx caddy.Context) (err error) {
 		h.clock = realClock{}
 	}
 	h.streams = newStreamSet(h.clock, h.MaxStreamRate)
-	if h.Share != nil {
-		h.Share.provision()
-		h.hubs = newHubSet(h)
+	if err := initMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
 	}
-	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
+	srv, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if srv != nil {
 		srv.RegisterConnContext(withConn)
 		srv.RegisterOnShutdown(h.drain)
 	}
-	return initMetrics(ctx.GetMetricsRegistry())
+	if h.Share != nil {
+		h.Share.provision(time.Duration(h.Retry))
+		h.hubs = newHubRegistry()
+		if srv != nil {
+			// Kept across reloads: see hubs.go.
+			key, countKey := hubPoolKey(srv, h.Share.Key)
+			h.hubsCountKey = countKey
+			reg, _, _ := hubPool.LoadOrNew(key, func() (caddy.Destructor, error) { return h.hubs, nil })
+			h.hubs, h.hubsPoolKey = reg.(*hubRegistry), key
+		}
+		h.hubs.adopt(h)
+	}
+	return nil
 }
 
 // Validate ensures the handler's configuration is valid.
@@ -302,19 +316,28 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
-// Cleanup drains the requests still open when the handler is unloaded.
+// Cleanup drains the requests still open when the handler is unloaded, and
+// gives back the shared streams' registry, which drains too once no loaded
+// configuration uses it.
 func (h *Handler) Cleanup() error {
 	h.drain()
-	return nil
+	if h.hubs == nil {
+		return nil
+	}
+	h.hubs.leave(h)
+	if h.hubsPoolKey == "" {
+		return h.hubs.Destruct()
+	}
+	_, _ = hubPool.Delete(h.hubsCountKey)
+	_, err := hubPool.Delete(h.hubsPoolKey)
+	return err
 }
 
-// drain ends every open request within the drain window.
+// drain ends every open request within the drain window. Shared streams'
+// hubs stay for the next configuration (hubs.go).
 func (h *Handler) drain() {
 	if h.streams != nil {
 		h.streams.drain(time.Duration(h.DrainWindow))
-	}
-	if h.hubs != nil {
-		h.hubs.drain(time.Duration(h.DrainWindow))
 	}
 }
 
@@ -335,15 +358,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// as GET, whose response the gateway cuts after its header: the
 		// connection is closed and the upstream handler notices.
 		r.Method = http.MethodGet
-	} else if s.askedForStream {
-		// Refused before anything reaches the upstream.
-		if reason := h.streams.acquire(s); reason != "" {
+	}
+	shared := h.hubs != nil && s.askedForStream && !s.head && r.Method == http.MethodGet
+	if s.askedForStream && !s.head {
+		// Refused before anything reaches the upstream. A shared stream's
+		// client counts against max_stream_rate only if it starts an
+		// upstream request (share.go).
+		if reason := h.streams.acquire(s, !shared); reason != "" {
 			return h.refuse(w, r, reason)
 		}
 	}
 	defer h.streams.release(s)
-	if h.hubs != nil && s.askedForStream && !s.head && r.Method == http.MethodGet {
-		next = h.hubs.feeder(s, next)
+	if shared {
+		sharedNext := next
+		next = caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			return h.serveShared(s, w, r, sharedNext)
+		})
 	}
 	return s.serve(next)
 }

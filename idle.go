@@ -200,14 +200,18 @@ func (s *stream) heartbeatLocked(now time.Duration) {
 
 // drainNow ends the request as its server goes away, at the moment the
 // drain drew for it (see streamSet.drain).
-func (s *stream) drainNow() {
+func (s *stream) drainNow() { s.stopNow(reasonDrain) }
+
+// stopNow ends the request for reason from outside its timer: a drain, or
+// a shared stream's feed (share.go).
+func (s *stream) stopNow(reason endReason) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed || s.mode == passThrough {
 		return
 	}
 	now := s.sinceStart()
-	s.stopLocked(reasonDrain, now)
+	s.stopLocked(reason, now)
 	if !s.closed {
 		s.armLocked(now) // for the wait for an event boundary
 	}

@@ -30,6 +30,7 @@ var sseMetrics = struct {
 	replayed     prometheus.Counter
 	replayMisses prometheus.Counter
 	slowDrops    prometheus.Counter
+	unshared     *prometheus.CounterVec
 }{}
 
 func initMetrics(registry *prometheus.Registry) error {
@@ -98,6 +99,13 @@ func initMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "shared_slow_drops_total",
 			Help: "Clients of shared streams closed for falling more than max_backlog behind.",
 		})
+		m.unshared = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "shared_unshared_total",
+			Help: "Requests of shared routes that got an upstream request of their own, by reason (key_unknown, per_user_response, not_a_stream).",
+		}, []string{"reason"})
+		for _, r := range unsharedReasons {
+			m.unshared.WithLabelValues(string(r))
+		}
 		for _, q := range allQuirks {
 			m.quirks.WithLabelValues(string(q))
 		}
@@ -110,7 +118,7 @@ func initMetrics(registry *prometheus.Registry) error {
 		}
 	})
 	for _, c := range []prometheus.Collector{m.active, m.ended, m.refused, m.events, m.bytes, m.heartbeats, m.duration, m.teardown, m.quirks,
-		m.hubs, m.subscribers, m.reconnects, m.replayed, m.replayMisses, m.slowDrops} {
+		m.hubs, m.subscribers, m.reconnects, m.replayed, m.replayMisses, m.slowDrops, m.unshared} {
 		var already prometheus.AlreadyRegisteredError
 		if err := registry.Register(c); err != nil && !errors.As(err, &already) {
 			return err

@@ -31,15 +31,21 @@ const (
 	// mark of output buffering inside the upstream. The gateway cannot
 	// unbuffer it.
 	quirkBuffered quirk = "buffered"
+	// quirkPerUserResponse: a shared stream's first response is marked as
+	// one user's (Set-Cookie, Cache-Control: private, Vary on a header
+	// the key leaves out). It is not shared: its starter gets it alone,
+	// and every other client an upstream request of its own.
+	quirkPerUserResponse quirk = "per_user_response"
 )
 
-var allQuirks = []quirk{quirkContentTypeParams, quirkContentLength, quirkIDControlChars, quirkBuffered}
+var allQuirks = []quirk{quirkContentTypeParams, quirkContentLength, quirkIDControlChars, quirkBuffered, quirkPerUserResponse}
 
 // quirkFixes is what each warning tells the operator.
 var quirkFixes = map[quirk]string{
 	quirkContentTypeParams: "upstream sends parameters in its event stream's Content-Type; the gateway sends text/event-stream alone, but strict clients talking to the upstream directly reject it: send the bare media type",
 	quirkContentLength:     "upstream sends Content-Length on an event stream; the gateway drops it, but a length on an endless stream makes other proxies wait for a body that never completes: do not set one",
 	quirkIDControlChars:    "upstream sends event ids with control characters; browsers send them back in Last-Event-ID, which servers refuse with 400, so the EventSource fails for good: keep ids to printable characters",
+	quirkPerUserResponse:   "upstream marks a shared stream's response as one user's (Set-Cookie, Cache-Control: private, or Vary on a header the share key leaves out), so it is not shared: every client gets an upstream request of its own; share a per-user stream only with a key that names the user, or leave share off for it",
 	quirkBuffered:          "upstream's events arrive in bursts of 4 KiB or more, as from output buffering inside the upstream (PHP output_buffering, a compression middleware, a framework that drops flushes); clients get them late: flush after every event (PHP: output_buffering = Off, or ob_flush() before flush())",
 }
 
@@ -57,10 +63,10 @@ func newQuirkReports() *quirkReports {
 }
 
 // report counts a stream that shows q and warns the first time.
-func (h *Handler) reportQuirk(s *stream, q quirk) {
+func (h *Handler) reportQuirk(uri string, q quirk) {
 	sseMetrics.quirks.WithLabelValues(string(q)).Inc()
 	h.quirks.once[q].Do(func() {
-		h.logger.Warn(quirkFixes[q], zap.String("quirk", string(q)), zap.String("uri", s.req.RequestURI))
+		h.logger.Warn(quirkFixes[q], zap.String("quirk", string(q)), zap.String("uri", uri))
 	})
 }
 
@@ -84,6 +90,6 @@ func (s *stream) watchBurstsLocked(n int, events int64) {
 		return
 	}
 	if s.eventWrites == burstWrites {
-		s.h.reportQuirk(s, quirkBuffered)
+		s.h.reportQuirk(s.req.RequestURI, quirkBuffered)
 	}
 }

@@ -25,6 +25,16 @@ var refusalStatus = map[endReason]int{
 	reasonDrain:               http.StatusServiceUnavailable,
 }
 
+// jitteredRetry is a retry hint drawn between 1× and 2× the retry option
+// (or 10 s), for clients turned away together.
+func (h *Handler) jitteredRetry() time.Duration {
+	base := time.Duration(h.Retry)
+	if base == 0 {
+		base = defaultRetry
+	}
+	return (base + rand.N(base+1)).Round(time.Millisecond)
+}
+
 // refuse answers a request the gateway turns away instead of serving it a
 // stream: over a limit, past idle_timeout waiting for the upstream's header,
 // caught waiting by a drain, or answered by the upstream (or the proxy)
@@ -38,11 +48,7 @@ var refusalStatus = map[endReason]int{
 // when configured) and ends. The retry hint is drawn between 1× and 2× the
 // retry option (or 10 s), so refused clients do not all return together.
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, reason endReason) error {
-	base := time.Duration(h.Retry)
-	if base == 0 {
-		base = defaultRetry
-	}
-	retry := (base + rand.N(base+1)).Round(time.Millisecond)
+	retry := h.jitteredRetry()
 	w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(retry.Seconds()))))
 	// The upstream's own status, for refusals in its place.
 	label, status := reason, refusalStatus[reason]

@@ -144,6 +144,7 @@ http://localhost:29180 {
 			write_timeout 10s
 			share {
 				max_backlog 256KiB
+				linger off
 			}
 		}
 		reverse_proxy %[1]s
@@ -152,6 +153,7 @@ http://localhost:29180 {
 		sse {
 			share {
 				assign_ids
+				linger off
 			}
 		}
 		reverse_proxy %[1]s
@@ -162,7 +164,9 @@ http://localhost:29180 {
 			retry 1s
 			close_event bye
 			drain_window 300ms
-			share
+			share {
+				linger off
+			}
 		}
 		header X-Config %[2]s
 		reverse_proxy %[1]s

@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -208,6 +209,20 @@ func waitSubscribers(t *testing.T, h *Handler, n int) {
 	}
 }
 
+// onlyHub is the handler's one hub.
+func onlyHub(t *testing.T, h *Handler) *hub {
+	t.Helper()
+	h.hubs.mu.Lock()
+	defer h.hubs.mu.Unlock()
+	if len(h.hubs.hubs) != 1 {
+		t.Fatalf("%d hubs, want 1", len(h.hubs.hubs))
+	}
+	for _, hb := range h.hubs.hubs {
+		return hb
+	}
+	return nil
+}
+
 func shareHandler(t *testing.T, conf *ShareConfig) (*Handler, *fakeClock) {
 	t.Helper()
 	h, clock, _ := shareHandlerLogs(t, conf)
@@ -216,6 +231,9 @@ func shareHandler(t *testing.T, conf *ShareConfig) (*Handler, *fakeClock) {
 
 func shareHandlerLogs(t *testing.T, conf *ShareConfig) (*Handler, *fakeClock, *observer.ObservedLogs) {
 	t.Helper()
+	if conf.Linger == 0 {
+		conf.Linger = -1 // most tests want the upstream released with the last client
+	}
 	h := &Handler{Heartbeat: seconds(15), Retry: seconds(3), CloseEvent: "bye", Share: conf}
 	clock, logs := provisionTest(t, h)
 	return h, clock, logs
@@ -232,7 +250,7 @@ func TestShareOneUpstreamWholeEvents(t *testing.T) {
 
 	b := startClient(t, h, up, "/feed?x=1")
 	waitSubscribers(t, h, 2)
-	// b joins while an event is in flight: it starts at the next one.
+	// c joins while an event is in flight: it gets that event, whole.
 	hr.send(t, "id: 2\ndata: tw")
 	c := startClient(t, h, up, "/feed?x=1")
 	waitSubscribers(t, h, 3)
@@ -247,7 +265,7 @@ func TestShareOneUpstreamWholeEvents(t *testing.T) {
 	if got := b.w.received(); got != "id: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
 		t.Errorf("second client got %q", got)
 	}
-	if got := c.w.received(); got != "id: 3\ndata: three\n\n" {
+	if got := c.w.received(); got != "id: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
 		t.Errorf("client joining inside an event got %q", got)
 	}
 	if ct := c.w.header.Get("Content-Type"); ct != "text/event-stream" {
@@ -436,9 +454,13 @@ func TestShareUpstreamGivesUp(t *testing.T) {
 			hr = advanceUntilRequest(t, clock, up)
 		}
 	}
+	// The clients of a hub that gives up are closed all at once, so
+	// their retry is drawn between 1x and 2x the option.
 	got := a.waitDone(t)
-	if !strings.HasSuffix(got, "retry: 3000\nevent: bye\ndata: upstream_error\n\n") {
-		t.Errorf("client got %q, want the close sequence with upstream_error", got)
+	retry, _, _ := strings.Cut(strings.TrimPrefix(got[strings.LastIndex(got, "retry: "):], "retry: "), "\n")
+	if ms, err := strconv.Atoi(retry); err != nil || ms < 3000 || ms > 6000 ||
+		!strings.HasSuffix(got, "\nevent: bye\ndata: upstream_error\n\n") {
+		t.Errorf("client got %q, want the close sequence with upstream_error and a retry within [3000, 6000]", got)
 	}
 }
 
@@ -450,11 +472,7 @@ func TestShareAssignIDs(t *testing.T) {
 	hr := up.next(t)
 	hr.send(t, "data: one\n\nid: own\ndata: two\n\ndata: three\n\n")
 	got := a.waitBody(t, "three\n\n")
-	hub := h.hubs.hubs[h.hubs.key(httptest.NewRequest(http.MethodGet, "/ids", nil))]
-	if hub == nil {
-		t.Fatal("no hub")
-	}
-	p := hub.idPrefix
+	p := onlyHub(t, h).idPrefix
 	if want := "id: " + p + "0\ndata: one\n\nid: own\ndata: two\n\nid: " + p + "2\ndata: three\n\n"; got != want {
 		t.Fatalf("got %q, want %q", got, want)
 	}
@@ -539,7 +557,11 @@ func TestShareDrainEndsEverything(t *testing.T) {
 	hr.send(t, "data: x\n\n")
 	a.waitBody(t, "data: x")
 	b.waitBody(t, "data: x")
-	h.drain()
+	// Unloaded with no configuration after it: the clients drain, and the
+	// hub goes with them.
+	if err := h.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
 	clock.Advance(time.Duration(h.DrainWindow) + time.Second)
 	for _, cl := range []*client{a, b} {
 		if got := cl.waitDone(t); !strings.HasSuffix(got, "data: drain\n\n") {
@@ -677,7 +699,6 @@ func TestShareJSONDefaultsAndChecks(t *testing.T) {
 	}
 	for _, in := range []string{
 		`{"share": {"replay": -1}}`,
-		`{"share": {"linger": "-1s"}}`,
 		`{"share": {"max_backlog": -5}}`,
 	} {
 		var h Handler
@@ -834,33 +855,45 @@ func TestShareFanOutAllocatesNothingPerClient(t *testing.T) {
 	}
 }
 
-func TestShareReplayBeyondBacklogIsNotDropped(t *testing.T) {
+func TestShareReplayIsBoundedByMaxBacklog(t *testing.T) {
 	defer verifyNoNewGoroutines(t)()
-	h, _ := shareHandler(t, &ShareConfig{MaxBacklog: 10})
+	// Each event is 16 bytes: max_backlog 32 keeps two besides the newest,
+	// whatever replay says.
+	h, _ := shareHandler(t, &ShareConfig{MaxBacklog: 32})
 	up := newHubUpstream()
 	a := startClient(t, h, up, "/rb")
 	hr := up.next(t)
-	for _, id := range []string{"1", "2", "3", "4"} {
+	for _, id := range []string{"1", "2", "3", "4", "5"} {
 		hr.send(t, "id: "+id+"\ndata: e"+id+"\n\n")
 		a.waitBody(t, "data: e"+id+"\n\n")
 	}
-	// 3 events (39 bytes) to catch up on, more than max_backlog: the
-	// client came back for them, so it gets them.
-	b := startClient(t, h, up, "/rb", "Last-Event-ID", "1")
-	b.waitBody(t, "data: e4\n\n")
-	hr.send(t, "id: 5\ndata: e5\n\n")
-	if got := b.waitBody(t, "data: e5\n\n"); got != "id: 2\ndata: e2\n\nid: 3\ndata: e3\n\nid: 4\ndata: e4\n\nid: 5\ndata: e5\n\n" {
-		t.Errorf("got %q", got)
+	if kept := len(onlyHub(t, h).ring.events); kept != 3 {
+		t.Errorf("the hub keeps %d events, want 3", kept)
 	}
+	// Within the bound: everything after its id.
+	b := startClient(t, h, up, "/rb", "Last-Event-ID", "2")
+	// Beyond it (e2 is gone): live from now on, and told so.
+	c := startClient(t, h, up, "/rb", "Last-Event-ID", "1")
+	waitSubscribers(t, h, 3)
+	hr.send(t, "id: 6\ndata: e6\n\n")
+	if got := b.waitBody(t, "data: e6\n\n"); got != "id: 3\ndata: e3\n\nid: 4\ndata: e4\n\nid: 5\ndata: e5\n\nid: 6\ndata: e6\n\n" {
+		t.Errorf("resumed within max_backlog: got %q", got)
+	}
+	if got := c.waitBody(t, "data: e6\n\n"); got != "id: 6\ndata: e6\n\n" || c.w.header.Get(replayHeader) != "miss" {
+		t.Errorf("resumed beyond max_backlog: got %q, %s %q", got, replayHeader, c.w.header.Get(replayHeader))
+	}
+	c.cancel()
+	c.waitDone(t)
 	for _, cl := range []*client{a, b} {
 		cl.cancel()
 		cl.waitDone(t)
 	}
 }
 
-func TestShareLimitsCountEachClient(t *testing.T) {
+func TestShareLimitsCountEachClientAndTheUpstream(t *testing.T) {
 	defer verifyNoNewGoroutines(t)()
-	h := &Handler{MaxStreams: 2, Share: &ShareConfig{}}
+	// Two clients and the upstream request they share.
+	h := &Handler{MaxStreams: 3, Share: &ShareConfig{Linger: -1}}
 	provisionTest(t, h)
 	up := newHubUpstream()
 	a := startClient(t, h, up, "/lim")
@@ -880,7 +913,7 @@ func TestShareLimitsCountEachClient(t *testing.T) {
 	}
 }
 
-func TestShareResumeAtTheLatestWhileAnEventIsInFlight(t *testing.T) {
+func TestShareResumeWhileAnEventIsInFlight(t *testing.T) {
 	defer verifyNoNewGoroutines(t)()
 	h, _ := shareHandler(t, &ShareConfig{})
 	up := newHubUpstream()
@@ -890,14 +923,14 @@ func TestShareResumeAtTheLatestWhileAnEventIsInFlight(t *testing.T) {
 	hr.send(t, "id: 2\ndata: t")
 	// It has seen 1: the event in flight is the next it needs.
 	b := startClient(t, h, up, "/f", "Last-Event-ID", "1")
-	// It has seen nothing: it starts after the event in flight.
+	// It has seen nothing: it starts with the event in flight, whole.
 	c := startClient(t, h, up, "/f")
 	waitSubscribers(t, h, 3)
 	hr.send(t, "wo\n\nid: 3\ndata: three\n\n")
 	if got := b.waitBody(t, "three\n\n"); got != "id: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
 		t.Errorf("resumed client got %q", got)
 	}
-	if got := c.waitBody(t, "three\n\n"); got != "id: 3\ndata: three\n\n" {
+	if got := c.waitBody(t, "three\n\n"); got != "id: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
 		t.Errorf("new client got %q", got)
 	}
 	a.waitBody(t, "three\n\n")

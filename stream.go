@@ -121,6 +121,9 @@ type stream struct {
 	// Set once, as the request arrives.
 	askedForStream bool // its Accept names text/event-stream
 	head           bool // a HEAD, sent upstream as GET
+	// shared is set when the stream is a client of a shared stream, whose
+	// upstream's failures the hub reports once (share.go).
+	shared bool
 
 	// Guarded by the handler's streamSet.
 	holdsSlot bool
@@ -216,8 +219,10 @@ func (s *stream) serve(next caddyhttp.Handler) error {
 	// before this one get the request back as it came once next returns.
 	setContext(s.req, ctx)
 	err, panicked := s.runNext(next, s.req)
-	setContext(s.req, clientCtx)
+	// The decoder's goroutine is done with the request before it is
+	// rewritten.
 	s.stopDecoding()
+	setContext(s.req, clientCtx)
 
 	switch s.settle() {
 	case waiting:
@@ -338,7 +343,7 @@ func (s *stream) WriteHeader(status int) {
 		s.ResponseWriter.WriteHeader(status)
 		return
 	}
-	if reason := s.h.streams.acquire(s); reason != "" {
+	if reason := s.h.streams.acquire(s, true); reason != "" {
 		// A stream that did not ask to be one, over the limits.
 		dropEntityHeaders(s.Header())
 		s.refuseLocked(reason)
@@ -421,11 +426,11 @@ func (s *stream) engageLocked(status int) {
 	}
 	if contentType := header.Get("Content-Type"); contentType != "text/event-stream" {
 		header.Set("Content-Type", "text/event-stream")
-		s.h.reportQuirk(s, quirkContentTypeParams)
+		s.h.reportQuirk(s.req.RequestURI, quirkContentTypeParams)
 	}
 	if header.Get("Content-Length") != "" {
 		header.Del("Content-Length")
-		s.h.reportQuirk(s, quirkContentLength)
+		s.h.reportQuirk(s.req.RequestURI, quirkContentLength)
 	}
 	header.Set("X-Accel-Buffering", "no")
 	if header.Get("Cache-Control") == "" {
@@ -530,7 +535,7 @@ func (s *stream) forward(p []byte) error {
 			s.watchBurstsLocked(len(rest), n)
 		}
 		if s.state.ctlIDs > 0 && s.ctlIDs == 0 {
-			s.h.reportQuirk(s, quirkIDControlChars)
+			s.h.reportQuirk(s.req.RequestURI, quirkIDControlChars)
 			s.ctlIDs = 1
 		}
 	}
@@ -634,7 +639,13 @@ func (s *stream) stopLocked(reason endReason, now time.Duration) {
 // closeLocked ends the stream at an event boundary with the close sequence:
 // the retry hint and the close event, as configured.
 func (s *stream) closeLocked(reason endReason) {
-	if seq := closeSequence(time.Duration(s.h.Retry), s.h.CloseEvent, reason); len(seq) > 0 {
+	retry := time.Duration(s.h.Retry)
+	if reason == reasonUpstreamError && retry > 0 {
+		// Only a shared stream whose upstream gave up closes its clients
+		// for this, all at once: they must not all come back together.
+		retry = s.h.jitteredRetry()
+	}
+	if seq := closeSequence(retry, s.h.CloseEvent, reason); len(seq) > 0 {
 		if !s.writeLocked(nil, seq) {
 			return
 		}
@@ -815,7 +826,7 @@ func (s *stream) report(reason endReason, err error) {
 		repl.Map(s.placeholder)
 	}
 	level, msg := zapcore.DebugLevel, "stream ended"
-	if reason == reasonUpstreamError {
+	if reason == reasonUpstreamError && !s.shared { // a shared stream's hub warns once for all its clients
 		level, msg = zapcore.WarnLevel, "upstream broke the stream"
 	}
 	c := s.h.logger.Check(level, msg)

@@ -18,9 +18,13 @@ type streamSet struct {
 	clock     clock
 	rate      *rate.Limiter // new streams per second, if capped
 	mu        sync.Mutex
-	slots     int            // streams in progress, or asked for
-	perClient map[string]int // the same, by client IP
+	slots     int            // streams in progress or asked for, and shared upstream requests
+	perClient map[string]int // the streams, by client IP
 	open      map[*stream]struct{}
+	// evict, when set, releases a shared stream that only lingers, so that
+	// its slot can serve a request (hubRegistry.evictLingering). Called
+	// without mu held.
+	evict func() bool
 
 	draining bool
 	drainEnd time.Time // when the drain window closes
@@ -63,28 +67,90 @@ func clientIP(r *http.Request) string {
 }
 
 // acquire takes a stream slot for s, or names the limit that refuses it.
-// A stream that already holds one keeps it.
-func (set *streamSet) acquire(s *stream) (refusedBy endReason) {
+// A stream that already holds one keeps it. rate tells whether s starts an
+// upstream request of its own, which max_stream_rate counts; a client of a
+// shared stream is counted when it does (takeRate, acquireHubSlot).
+func (set *streamSet) acquire(s *stream, rate bool) (refusedBy endReason) {
 	h := s.h
-	if h.MaxStreams == 0 && h.MaxStreamsPerClient == 0 && set.rate == nil {
+	if h.MaxStreams == 0 && h.MaxStreamsPerClient == 0 && (set.rate == nil || !rate) {
 		return ""
 	}
 	client := clientIP(s.req)
-	set.mu.Lock()
-	defer set.mu.Unlock()
-	switch {
-	case s.holdsSlot:
+	for evicted := false; ; evicted = true {
+		set.mu.Lock()
+		switch {
+		case s.holdsSlot:
+			set.mu.Unlock()
+			return ""
+		case h.MaxStreams > 0 && set.slots >= h.MaxStreams:
+			set.mu.Unlock()
+			if !evicted && set.evict != nil && set.evict() {
+				continue
+			}
+			return reasonMaxStreams
+		case h.MaxStreamsPerClient > 0 && set.perClient[client] >= h.MaxStreamsPerClient:
+			set.mu.Unlock()
+			return reasonMaxStreamsPerClient
+		case rate && set.rate != nil && !set.rate.AllowN(set.clock.Now(), 1):
+			set.mu.Unlock()
+			return reasonMaxStreamRate
+		}
+		set.slots++
+		set.perClient[client]++
+		s.holdsSlot = true
+		set.mu.Unlock()
 		return ""
-	case h.MaxStreams > 0 && set.slots >= h.MaxStreams:
-		return reasonMaxStreams
-	case h.MaxStreamsPerClient > 0 && set.perClient[client] >= h.MaxStreamsPerClient:
-		return reasonMaxStreamsPerClient
-	case set.rate != nil && !set.rate.AllowN(set.clock.Now(), 1):
+	}
+}
+
+// acquireHubSlot takes a slot for a shared stream's upstream request, which
+// holds it as long as the hub exists, linger included, and counts it
+// against max_stream_rate; or names the limit that refuses it.
+func (set *streamSet) acquireHubSlot(max int) endReason {
+	for evicted := false; ; evicted = true {
+		set.mu.Lock()
+		if max > 0 && set.slots >= max {
+			set.mu.Unlock()
+			if !evicted && set.evict != nil && set.evict() {
+				continue
+			}
+			return reasonMaxStreams
+		}
+		if set.rate != nil && !set.rate.AllowN(set.clock.Now(), 1) {
+			set.mu.Unlock()
+			return reasonMaxStreamRate
+		}
+		set.slots++
+		set.mu.Unlock()
+		return ""
+	}
+}
+
+// releaseHubSlot gives back a shared stream's slot.
+func (set *streamSet) releaseHubSlot() {
+	set.mu.Lock()
+	set.slots--
+	set.mu.Unlock()
+}
+
+// moveHubSlot moves a shared stream's slot to the new configuration's set,
+// which counts it even past its max_streams.
+func (set *streamSet) moveHubSlot(to *streamSet) {
+	if set == to {
+		return
+	}
+	set.releaseHubSlot()
+	to.mu.Lock()
+	to.slots++
+	to.mu.Unlock()
+}
+
+// takeRate counts a request of a shared route that goes upstream on its own
+// against max_stream_rate.
+func (set *streamSet) takeRate() endReason {
+	if set.rate != nil && !set.rate.AllowN(set.clock.Now(), 1) {
 		return reasonMaxStreamRate
 	}
-	set.slots++
-	set.perClient[client]++
-	s.holdsSlot = true
 	return ""
 }
 
