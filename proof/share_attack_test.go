@@ -47,10 +47,12 @@ const (
 func TestShareAdversarial(t *testing.T) {
 	up := newUpstream(t)
 	p := startCaddyProcess(t, buildCaddy(t), up, map[string]profile{
-		"key":     {sse: "share"},
-		"tenant":  {sse: "share {http.request.header.X-Tenant}"},
+		// linger off where the case waits for the upstream requests to end
+		// after their clients left.
+		"key":     {sse: "share {\nlinger off\n}"},
+		"tenant":  {sse: "share {http.request.header.X-Tenant} {\nlinger off\n}"},
 		"flood":   {sse: fmt.Sprintf("max_streams %d\nretry 1s\nshare {\nlinger %s\n}", attackMaxStreams, attackLinger)},
-		"restart": {sse: "share"},
+		"restart": {sse: "share {\nlinger off\n}"},
 		"failing": {sse: "retry 1s\nshare"},
 	})
 	client := newHTTPClient(t, &http.Transport{})
