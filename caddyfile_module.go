@@ -32,8 +32,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    retry           <duration>
 //	    close_event     <event type>
 //	    close_grace     <duration>
-//	    write_timeout   <duration>
-//	    drain_window    <duration>
+//	    write_timeout   <duration>|off
+//	    drain_window    <duration>|off
 //	    max_streams            <n>
 //	    max_streams_per_client <n>
 //	    last_event_id_query    <param>
@@ -50,6 +50,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	}
 //
 // Every option may appear once. Without a block, all defaults apply.
+// heartbeat, write_timeout and drain_window refuse 0, which could mean
+// "off" or "the default": write off, or a positive duration.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 	if d.NextArg() {
@@ -105,11 +107,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		var err error
 		switch option {
 		case "heartbeat":
-			if value == "off" {
-				h.Heartbeat = -1
-				break
-			}
-			h.Heartbeat, err = parseDuration(d, option, value)
+			h.Heartbeat, err = parseOffDuration(d, option, value)
 		case "heartbeat_text":
 			h.HeartbeatText, err = parseLineText(d, option, value)
 		case "idle_timeout":
@@ -129,9 +127,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "close_grace":
 			h.CloseGrace, err = parseDuration(d, option, value)
 		case "write_timeout":
-			h.WriteTimeout, err = parseDuration(d, option, value)
+			h.WriteTimeout, err = parseOffDuration(d, option, value)
 		case "drain_window":
-			h.DrainWindow, err = parseDuration(d, option, value)
+			h.DrainWindow, err = parseOffDuration(d, option, value)
 		case "max_streams":
 			h.MaxStreams, err = parseCount(d, option, value)
 		case "max_streams_per_client":
@@ -165,6 +163,19 @@ func parseDuration(d *caddyfile.Dispenser, option, value string) (caddy.Duration
 		return 0, d.Errf("%s: must not be negative, got %s", option, value)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// parseOffDuration parses an option that takes a positive duration or
+// off; 0 is ambiguous, as in JSON (see Handler.UnmarshalJSON).
+func parseOffDuration(d *caddyfile.Dispenser, option, value string) (caddy.Duration, error) {
+	if value == "off" {
+		return durationOff, nil
+	}
+	dur, err := parseDuration(d, option, value)
+	if err == nil && dur == 0 {
+		err = d.Errf(zeroIsAmbiguous, option)
+	}
+	return dur, err
 }
 
 // parseCount parses a positive whole number.

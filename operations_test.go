@@ -129,3 +129,25 @@ func TestDrainClosesEveryStreamWithinWindow(t *testing.T) {
 		t.Fatalf("21 streams closed at only %d distinct moments: not spread", len(moments))
 	}
 }
+
+// TestDrainWindowOff checks that drain_window off closes every stream at
+// once when the server drains, through the close sequence.
+func TestDrainWindowOff(t *testing.T) {
+	h := &Handler{Heartbeat: durationOff, DrainWindow: durationOff, Retry: seconds(1), CloseEvent: "close"}
+	clock, _ := provisionTest(t, h)
+	var runs []*streamRun
+	for range 5 {
+		runs = append(runs, startStream(t, h, clock, newScriptedUpstream()))
+	}
+	h.drain()
+	clock.Advance(0)
+	for i, run := range runs {
+		if got := run.w.received(); got != "retry: 1000\nevent: close\ndata: drain\n\n" {
+			t.Fatalf("stream %d got %q at the drain, want the close sequence at once", i, got)
+		}
+		run.waitUpstreamGone()
+		if err := run.wait(); err != nil || run.panicked != nil {
+			t.Fatalf("stream %d: err %v, panic %v", i, err, run.panicked)
+		}
+	}
+}

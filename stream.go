@@ -431,9 +431,12 @@ func (s *stream) engageLocked(status int) {
 	if header.Get("Cache-Control") == "" {
 		header.Set("Cache-Control", "no-cache")
 	}
-	s.boundWritesLocked()
+	if s.h.WriteTimeout > 0 {
+		// write_timeout off leaves the write deadline as the server has it.
+		s.boundWritesLocked()
+		setClientTimeout(s.req.Context(), time.Duration(s.h.WriteTimeout))
+	}
 	s.rc = http.NewResponseController(s.ResponseWriter)
-	setClientTimeout(s.req.Context(), time.Duration(s.h.WriteTimeout))
 	sseMetrics.active.Inc()
 
 	s.ResponseWriter.WriteHeader(status)
