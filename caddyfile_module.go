@@ -55,7 +55,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 	if d.NextArg() {
-		return d.ArgErr()
+		return d.Errf("sse: want sse [<matcher>] [{ <options> }], got the argument %q", d.Val())
 	}
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
@@ -64,10 +64,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("%s: option given more than once", option)
 		}
 		seen[option] = true
+		if _, known := optionSyntax[option]; !known && option != "share" {
+			return d.Errf("unrecognized sse option %q", option)
+		}
 		if option == "retry_statuses" {
 			h.RetryStatuses = d.RemainingArgs()
 			if len(h.RetryStatuses) == 0 {
-				return d.ArgErr()
+				return wantErr(d, option)
 			}
 			if _, err := parseRetryStatuses(h.RetryStatuses); err != nil {
 				return d.Err(err.Error())
@@ -83,7 +86,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if option == "retry_bounds" {
 			args := d.RemainingArgs()
 			if len(args) != 2 {
-				return d.ArgErr()
+				return wantErr(d, option)
 			}
 			for _, a := range args {
 				dur, err := parseDuration(d, option, a)
@@ -98,11 +101,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			continue
 		}
 		if !d.NextArg() {
-			return d.ArgErr()
+			return wantErr(d, option)
 		}
 		value := d.Val()
 		if d.NextArg() {
-			return d.ArgErr()
+			return wantErr(d, option)
 		}
 		var err error
 		switch option {
@@ -151,6 +154,34 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// optionSyntax is what each option takes (share has its own parser), for
+// the errors that say so.
+var optionSyntax = map[string]string{
+	"heartbeat":              "<duration>|off",
+	"heartbeat_text":         "<text>",
+	"idle_timeout":           "<duration>",
+	"max_lifetime":           "<duration>",
+	"lifetime_jitter":        "<fraction 0..1>",
+	"retry":                  "<duration>",
+	"close_event":            "<event type>",
+	"close_grace":            "<duration>",
+	"write_timeout":          "<duration>|off",
+	"drain_window":           "<duration>|off",
+	"max_streams":            "<n>",
+	"max_streams_per_client": "<n>",
+	"last_event_id_query":    "<param>",
+	"refuse_with":            "stream|status",
+	"retry_statuses":         "<code|4xx|5xx>...|off",
+	"max_stream_rate":        "<n per second>",
+	"retry_bounds":           "<min> <max>",
+}
+
+// wantErr is the error for an option given the wrong number of
+// arguments: it says what the option takes, at the option's line.
+func wantErr(d *caddyfile.Dispenser, option string) error {
+	return d.Errf("%s: want %s %s", option, option, optionSyntax[option])
 }
 
 // parseDuration parses a non-negative duration option.

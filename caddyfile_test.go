@@ -87,19 +87,22 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		// line it is on.
 		want []string
 	}{
-		{"stray argument", "sse extra", []string{"Testfile:1"}},
+		{"stray argument", "sse extra", []string{`sse: want sse [<matcher>] [{ <options> }], got the argument "extra"`, "Testfile:1"}},
 		{"unknown option", "sse {\n  heartbeat 1s\n  hartbeat 2s\n}", []string{"hartbeat", "Testfile:3"}},
+		{"unknown option alone", "sse {\n  hartbeat\n}", []string{`unrecognized sse option "hartbeat"`, "Testfile:2"}},
 		{"duplicate", "sse {\n  retry 1s\n  retry 2s\n}", []string{"retry", "more than once", "Testfile:3"}},
-		{"missing value", "sse {\n  idle_timeout\n}", []string{"Testfile:2"}},
-		{"retry_statuses empty", "sse {\n  retry_statuses\n}", []string{"Testfile:2"}},
+		{"missing value", "sse {\n  idle_timeout\n}", []string{"idle_timeout: want idle_timeout <duration>", "Testfile:2"}},
+		{"retry_statuses empty", "sse {\n  retry_statuses\n}", []string{"retry_statuses: want retry_statuses <code|4xx|5xx>...|off", "Testfile:2"}},
 		{"retry_statuses 200", "sse {\n  retry 1s\n  retry_statuses 5xx 200\n}", []string{"retry_statuses", "\"200\"", "Testfile:3"}},
 		{"retry_statuses off and more", "sse {\n  retry_statuses off 502\n}", []string{"retry_statuses", "Testfile:2"}},
 		{"max_stream_rate 0", "sse {\n  max_stream_rate 0\n}", []string{"max_stream_rate", "Testfile:2"}},
-		{"retry_bounds one", "sse {\n  retry_bounds 1s\n}", []string{"Testfile:2"}},
+		{"retry_bounds one", "sse {\n  retry_bounds 1s\n}", []string{"retry_bounds: want retry_bounds <min> <max>", "Testfile:2"}},
+		{"retry_bounds three", "sse {\n  retry_bounds 1s 2s 3s\n}", []string{"retry_bounds: want retry_bounds <min> <max>", "Testfile:2"}},
 		{"retry_bounds reversed", "sse {\n  retry 1s\n  retry_bounds 1m 1s\n}", []string{"retry_bounds", "above", "Testfile:3"}},
 		{"retry_bounds bad", "sse {\n  retry_bounds 1s soon\n}", []string{"retry_bounds", "soon", "Testfile:2"}},
 		{"refuse_with", "sse {\n  retry 1s\n  refuse_with 503\n}", []string{"refuse_with", "stream or status", "Testfile:3"}},
-		{"extra value", "sse {\n  idle_timeout 1s 2s\n}", []string{"Testfile:2"}},
+		{"extra value", "sse {\n  idle_timeout 1s 2s\n}", []string{"idle_timeout: want idle_timeout <duration>", "Testfile:2"}},
+		{"heartbeat extra", "sse {\n  heartbeat 1s off\n}", []string{"heartbeat: want heartbeat <duration>|off", "Testfile:2"}},
 		{"unparsable duration", "sse {\n  max_lifetime soon\n}", []string{"max_lifetime", "soon", "Testfile:2"}},
 		{"negative duration", "sse {\n  write_timeout -1s\n}", []string{"write_timeout", "negative", "Testfile:2"}},
 		{"negative heartbeat", "sse {\n  heartbeat -5s\n}", []string{"heartbeat", "negative", "Testfile:2"}},
@@ -128,6 +131,45 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestCaddyfileSyntaxErrors checks that an option given without its
+// value, or with one too many, is refused with what it takes.
+func TestCaddyfileSyntaxErrors(t *testing.T) {
+	for option, want := range map[string]string{
+		"heartbeat":              "heartbeat <duration>|off",
+		"heartbeat_text":         "heartbeat_text <text>",
+		"idle_timeout":           "idle_timeout <duration>",
+		"max_lifetime":           "max_lifetime <duration>",
+		"lifetime_jitter":        "lifetime_jitter <fraction 0..1>",
+		"retry":                  "retry <duration>",
+		"close_event":            "close_event <event type>",
+		"close_grace":            "close_grace <duration>",
+		"write_timeout":          "write_timeout <duration>|off",
+		"drain_window":           "drain_window <duration>|off",
+		"max_streams":            "max_streams <n>",
+		"max_streams_per_client": "max_streams_per_client <n>",
+		"last_event_id_query":    "last_event_id_query <param>",
+		"refuse_with":            "refuse_with stream|status",
+		"retry_statuses":         "retry_statuses <code|4xx|5xx>...|off",
+		"max_stream_rate":        "max_stream_rate <n per second>",
+		"retry_bounds":           "retry_bounds <min> <max>",
+	} {
+		for _, args := range []string{"", " 1 2 3"} {
+			if option == "retry_statuses" && args != "" {
+				continue // takes any number
+			}
+			input := "sse {\n  retry 1s\n  " + option + args + "\n}"
+			if option == "retry" {
+				input = "sse {\n  close_grace 1s\n  " + option + args + "\n}"
+			}
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input))
+			if err == nil || !strings.Contains(err.Error(), option+": want "+want) || !strings.Contains(err.Error(), "Testfile:3") {
+				t.Errorf("%q: got %v, want %q at Testfile:3", option+args, err, option+": want "+want)
+			}
+		}
 	}
 }
 
