@@ -94,8 +94,9 @@ type Handler struct {
 	// does not take the bytes in time (it stopped reading, or vanished) ends
 	// the stream and its upstream. On Linux it also bounds how long written data
 	// may stay unacknowledged by the client (TCP_USER_TIMEOUT), which is how
-	// a client that vanished without closing is noticed. It is also how
-	// long a close waits for the event in flight to end.
+	// a client that vanished without closing is noticed; the socket gets
+	// its own value back when the last stream on the connection ends. It
+	// is also how long a close waits for the event in flight to end.
 	// Default: 10s, when the field is left out (0 in Go). "off" (in JSON
 	// also any negative duration) leaves writes to Caddy's own write
 	// deadline, as the server has it (write_idle_timeout), and sets no

@@ -144,11 +144,14 @@ type stream struct {
 	closed bool // nothing more may be written to the client
 	// closeSent is true once the close sequence reached the client.
 	closeSent bool
-	reason    endReason // why it ended, once known
-	state     eventState
-	times     streamTimes
-	duration  time.Duration // how long it lasted, once it has ended
-	bytesOut  int64
+	// userTimeout is true while the stream holds the TCP_USER_TIMEOUT it
+	// set on the client's connection (conn.go).
+	userTimeout bool
+	reason      endReason // why it ended, once known
+	state       eventState
+	times       streamTimes
+	duration    time.Duration // how long it lasted, once it has ended
+	bytesOut    int64
 	// heartbeats counts the heartbeats written.
 	heartbeats int64
 	// eventWrites counts the first writes that carried events, while they
@@ -434,7 +437,7 @@ func (s *stream) engageLocked(status int) {
 	if s.h.WriteTimeout > 0 {
 		// write_timeout off leaves the write deadline as the server has it.
 		s.boundWritesLocked()
-		setClientTimeout(s.req.Context(), time.Duration(s.h.WriteTimeout))
+		s.userTimeout = setClientTimeout(s.req.Context(), time.Duration(s.h.WriteTimeout))
 	}
 	s.rc = http.NewResponseController(s.ResponseWriter)
 	sseMetrics.active.Inc()
@@ -758,6 +761,11 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 	}
 	if s.ownDeadlineWriter != nil {
 		s.ownDeadlineWriter.HandlerDone()
+	}
+	if s.userTimeout {
+		// A keep-alive or HTTP/2 connection goes on without the stream's.
+		restoreClientTimeout(s.req.Context())
+		s.userTimeout = false
 	}
 	s.mu.Unlock()
 	s.times.callbacks.Wait()
