@@ -140,8 +140,9 @@ type Handler struct {
 	// ID for clients that cannot send the Last-Event-ID header (polyfills,
 	// or a new EventSource object resuming a stream). The parameter is
 	// removed from the request, and its value becomes the Last-Event-ID
-	// header unless the request has one. A value over 1 KiB or with CR, LF
-	// or NUL is refused with 400. Default: empty, disabled.
+	// header unless the request has one. A value over 1 KiB, or one that
+	// Go's transport would refuse as a header value (a control character
+	// other than tab), is refused with 400. Default: empty, disabled.
 	LastEventIDQuery string `json:"last_event_id_query,omitempty"`
 
 	// RefuseWith is how a request that asked for a stream is turned away
