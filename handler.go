@@ -439,9 +439,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// its stream handler never ends that response: the next request on
 		// the connection, anyone's, hangs behind it. So HEAD goes upstream
 		// as GET, whose response the gateway cuts after its header: the
-		// connection is closed and the upstream handler notices.
+		// connection is closed and the upstream handler notices. That GET
+		// counts against the limits, as any: it is refused here if it asks
+		// for a stream, at its header if it turns out to be one.
 		r.Method = http.MethodGet
-	} else if s.askedForStream {
+	}
+	if s.askedForStream {
 		// Refused before anything reaches the upstream.
 		if reason := h.streams.acquire(s); reason != "" {
 			return h.refuse(w, r, reason)

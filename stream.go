@@ -325,6 +325,15 @@ func (s *stream) WriteHeader(status int) {
 	}
 	s.wroteHeader = true
 	if s.head {
+		if status == http.StatusOK && isEventStream(s.Header()) {
+			if reason := s.h.streams.acquire(s); reason != "" {
+				// The GET is a stream that did not ask to be one, over the
+				// limits: refused like one.
+				dropEntityHeaders(s.Header())
+				s.refuseLocked(reason)
+				return
+			}
+		}
 		// Answer the HEAD with the GET's header, and cut the GET.
 		s.stepAsideLocked(headOnly)
 		s.endLocked(reasonUpstreamEnd, errGatewayClosed)
