@@ -33,8 +33,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    retry           <duration>
 //	    close_event     <event type>
 //	    close_grace     <duration>
-//	    write_timeout   <duration>
-//	    drain_window    <duration>
+//	    write_timeout   <duration>|off
+//	    drain_window    <duration>|off
 //	    max_streams            <n>
 //	    max_streams_per_client <n>
 //	    last_event_id_query    <param>
@@ -51,10 +51,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	}
 //
 // Every option may appear once. Without a block, all defaults apply.
+// heartbeat, write_timeout and drain_window refuse 0, which could mean
+// "off" or "the default": write off, or a positive duration.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 	if d.NextArg() {
-		return d.ArgErr()
+		return d.Errf("sse: want sse [<matcher>] [{ <options> }], got the argument %q", d.Val())
 	}
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
@@ -63,10 +65,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("%s: option given more than once", option)
 		}
 		seen[option] = true
+		if _, known := optionSyntax[option]; !known && option != "share" {
+			return d.Errf("unrecognized sse option %q", option)
+		}
 		if option == "retry_statuses" {
 			h.RetryStatuses = d.RemainingArgs()
 			if len(h.RetryStatuses) == 0 {
-				return d.ArgErr()
+				return wantErr(d, option)
 			}
 			if _, err := parseRetryStatuses(h.RetryStatuses); err != nil {
 				return d.Err(err.Error())
@@ -82,7 +87,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if option == "retry_bounds" {
 			args := d.RemainingArgs()
 			if len(args) != 2 {
-				return d.ArgErr()
+				return wantErr(d, option)
 			}
 			for _, a := range args {
 				dur, err := parseDuration(d, option, a)
@@ -97,20 +102,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			continue
 		}
 		if !d.NextArg() {
-			return d.ArgErr()
+			return wantErr(d, option)
 		}
 		value := d.Val()
 		if d.NextArg() {
-			return d.ArgErr()
+			return wantErr(d, option)
 		}
 		var err error
 		switch option {
 		case "heartbeat":
-			if value == "off" {
-				h.Heartbeat = -1
-				break
-			}
-			h.Heartbeat, err = parseDuration(d, option, value)
+			h.Heartbeat, err = parseOffDuration(d, option, value)
 		case "heartbeat_text":
 			h.HeartbeatText, err = parseLineText(d, option, value)
 		case "idle_timeout":
@@ -130,9 +131,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "close_grace":
 			h.CloseGrace, err = parseDuration(d, option, value)
 		case "write_timeout":
-			h.WriteTimeout, err = parseDuration(d, option, value)
+			h.WriteTimeout, err = parseOffDuration(d, option, value)
 		case "drain_window":
-			h.DrainWindow, err = parseDuration(d, option, value)
+			h.DrainWindow, err = parseOffDuration(d, option, value)
 		case "max_streams":
 			h.MaxStreams, err = parseCount(d, option, value)
 		case "max_streams_per_client":
@@ -156,6 +157,34 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
+// optionSyntax is what each option takes (share has its own parser), for
+// the errors that say so.
+var optionSyntax = map[string]string{
+	"heartbeat":              "<duration>|off",
+	"heartbeat_text":         "<text>",
+	"idle_timeout":           "<duration>",
+	"max_lifetime":           "<duration>",
+	"lifetime_jitter":        "<fraction 0..1>",
+	"retry":                  "<duration>",
+	"close_event":            "<event type>",
+	"close_grace":            "<duration>",
+	"write_timeout":          "<duration>|off",
+	"drain_window":           "<duration>|off",
+	"max_streams":            "<n>",
+	"max_streams_per_client": "<n>",
+	"last_event_id_query":    "<param>",
+	"refuse_with":            "stream|status",
+	"retry_statuses":         "<code|4xx|5xx>...|off",
+	"max_stream_rate":        "<n per second>",
+	"retry_bounds":           "<min> <max>",
+}
+
+// wantErr is the error for an option given the wrong number of
+// arguments: it says what the option takes, at the option's line.
+func wantErr(d *caddyfile.Dispenser, option string) error {
+	return d.Errf("%s: want %s %s", option, option, optionSyntax[option])
+}
+
 // parseDuration parses a non-negative duration option.
 func parseDuration(d *caddyfile.Dispenser, option, value string) (caddy.Duration, error) {
 	dur, err := caddy.ParseDuration(value)
@@ -166,6 +195,19 @@ func parseDuration(d *caddyfile.Dispenser, option, value string) (caddy.Duration
 		return 0, d.Errf("%s: must not be negative, got %s", option, value)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// parseOffDuration parses an option that takes a positive duration or
+// off; 0 is ambiguous, as in JSON (see Handler.UnmarshalJSON).
+func parseOffDuration(d *caddyfile.Dispenser, option, value string) (caddy.Duration, error) {
+	if value == "off" {
+		return durationOff, nil
+	}
+	dur, err := parseDuration(d, option, value)
+	if err == nil && dur == 0 {
+		err = d.Errf(zeroIsAmbiguous, option)
+	}
+	return dur, err
 }
 
 // parseCount parses a positive whole number.

@@ -1,20 +1,39 @@
 package caddysse
 
 import (
-	"golang.org/x/sys/unix"
 	"net"
-	"time"
+
+	"golang.org/x/sys/unix"
 )
 
-// setUserTimeout sets TCP_USER_TIMEOUT on c. It is best effort: a failure
-// leaves the write deadline as the only bound, which still catches clients
-// that stop reading.
-func setUserTimeout(c *net.TCPConn, d time.Duration) {
+// userTimeout reads TCP_USER_TIMEOUT of c, in milliseconds.
+func userTimeout(c *net.TCPConn) (ms int, ok bool) {
 	raw, err := c.SyscallConn()
 	if err != nil {
-		return
+		return 0, false
 	}
-	_ = raw.Control(func(fd uintptr) {
-		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
-	})
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		ms, serr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT)
+	}); err != nil || serr != nil {
+		return 0, false
+	}
+	return ms, true
+}
+
+// setUserTimeout sets TCP_USER_TIMEOUT on c, in milliseconds, and reports
+// whether it did. It is best effort: a failure leaves the write deadline
+// as the only bound, which still catches clients that stop reading.
+func setUserTimeout(c *net.TCPConn, ms int) bool {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, ms)
+	}); err != nil || serr != nil {
+		return false
+	}
+	return true
 }

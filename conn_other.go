@@ -2,11 +2,11 @@
 
 package caddysse
 
-import (
-	"net"
-	"time"
-)
+import "net"
 
-// setUserTimeout does nothing where TCP_USER_TIMEOUT is not available; the
+// userTimeout reads nothing where TCP_USER_TIMEOUT is not available; the
 // write deadline still catches clients that stop reading.
-func setUserTimeout(*net.TCPConn, time.Duration) {}
+func userTimeout(*net.TCPConn) (int, bool) { return 0, false }
+
+// setUserTimeout does nothing where TCP_USER_TIMEOUT is not available.
+func setUserTimeout(*net.TCPConn, int) bool { return false }

@@ -715,6 +715,31 @@ func TestE2E(t *testing.T) {
 		otherReq.waitGone(t)
 	})
 
+	t.Run("a last event id no header can carry gets 400", func(t *testing.T) {
+		// Go's transport would refuse it as Last-Event-ID: reverse_proxy's
+		// 502 became a refusal that the client retried with the same id.
+		r, _ := http.NewRequest(http.MethodGet, e2eHost+"/limited?lastEventId=a%01b", nil)
+		r.Header.Set("Accept", "text/event-stream")
+		r.Header.Set("X-Forwarded-For", "192.0.2.3")
+		resp, err := plainClient.Do(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Fatalf("answered %s %q, want 400", resp.Status, body)
+		}
+		// The next request the upstream gets is the next valid one.
+		s := openStream(t, "/limited?lastEventId=ok", "X-Forwarded-For", "192.0.2.3")
+		req := up.next(t)
+		if got := req.r.Header.Get("Last-Event-ID"); got != "ok" {
+			t.Fatalf("upstream got a request with Last-Event-ID %q, want only the valid one (ok)", got)
+		}
+		s.cancel()
+		req.waitGone(t)
+	})
+
 	checkNoStreamGoroutines(t)
 }
 

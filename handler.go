@@ -7,6 +7,7 @@
 package caddysse
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -39,8 +40,9 @@ type Handler struct {
 	// Heartbeat is how long the client may receive nothing before the
 	// gateway writes a comment line (and a blank line) to keep the
 	// connection and every proxy and load balancer on its path from timing
-	// out. Heartbeats are only written between events. Default: 15s. A
-	// negative value disables heartbeats.
+	// out. Heartbeats are only written between events. Default: 15s, when
+	// the field is left out (0 in Go). "off" (in JSON also any negative
+	// duration) disables heartbeats. An explicit 0 is refused as ambiguous.
 	Heartbeat caddy.Duration `json:"heartbeat,omitempty"`
 
 	// HeartbeatText is written after the colon of each heartbeat comment.
@@ -92,7 +94,17 @@ type Handler struct {
 	// does not take the bytes in time (it stopped reading, or vanished) ends
 	// the stream and its upstream. On Linux it also bounds how long written data
 	// may stay unacknowledged by the client (TCP_USER_TIMEOUT), which is how
-	// a client that vanished without closing is noticed. Default: 10s.
+	// a client that vanished without closing is noticed; the socket gets
+	// its own value back when the last stream on the connection ends. It
+	// is also how long a close waits for the event in flight to end.
+	// Default: 10s, when the field is left out (0 in Go). "off" (in JSON
+	// also any negative duration) leaves writes to Caddy's own write
+	// deadline, as the server has it (write_idle_timeout), and sets no
+	// TCP_USER_TIMEOUT: a client that vanished is then noticed only when
+	// the kernel gives up on it, about 15 minutes on Linux, and with the
+	// server's write_idle_timeout off too, a client that stopped reading
+	// holds its stream until a drain cuts it. A close still waits at most
+	// 10s for the event in flight. An explicit 0 is refused as ambiguous.
 	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
 
 	// DrainWindow spreads the end of live streams when the server they
@@ -103,7 +115,11 @@ type Handler struct {
 	// clients reconnect to the new config gradually instead of all at once,
 	// and the reload or stop can finish even with an unlimited grace
 	// period. Whatever is still open half a second after the window (a
-	// client that stopped reading) is cut. Default: 10s.
+	// client that stopped reading) is cut. Default: 10s, when the field is
+	// left out (0 in Go). "off" (in JSON also any negative duration)
+	// closes every stream at once when the server drains, with no
+	// spreading; what is still open half a second later is cut. An
+	// explicit 0 is refused as ambiguous.
 	DrainWindow caddy.Duration `json:"drain_window,omitempty"`
 
 	// MaxStreams caps the streams this handler serves at once, to protect
@@ -124,8 +140,9 @@ type Handler struct {
 	// ID for clients that cannot send the Last-Event-ID header (polyfills,
 	// or a new EventSource object resuming a stream). The parameter is
 	// removed from the request, and its value becomes the Last-Event-ID
-	// header unless the request has one. A value over 1 KiB or with CR, LF
-	// or NUL is refused with 400. Default: empty, disabled.
+	// header unless the request has one. A value over 1 KiB, or one that
+	// Go's transport would refuse as a header value (a control character
+	// other than tab), is refused with 400. Default: empty, disabled.
 	LastEventIDQuery string `json:"last_event_id_query,omitempty"`
 
 	// RefuseWith is how a request that asked for a stream is turned away
@@ -197,6 +214,10 @@ const (
 	// configured.
 	defaultRetry = 10 * time.Second
 )
+
+// durationOff is how Heartbeat, WriteTimeout and DrainWindow hold "off":
+// any negative duration means off, and this is the one the Caddyfile sets.
+const durationOff = caddy.Duration(-1)
 
 // The values of RefuseWith.
 const (
@@ -274,8 +295,6 @@ func (h *Handler) Validate() error {
 		{"max_lifetime", h.MaxLifetime},
 		{"retry", h.Retry},
 		{"close_grace", h.CloseGrace},
-		{"write_timeout", h.WriteTimeout},
-		{"drain_window", h.DrainWindow},
 	} {
 		if d.value < 0 {
 			return fmt.Errorf("%s: must not be negative, got %s", d.name, time.Duration(d.value))
@@ -316,6 +335,82 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
+// zeroIsAmbiguous is the error for an explicit 0 given to heartbeat,
+// write_timeout or drain_window, in JSON and in the Caddyfile alike: to
+// some it reads as "none", to others as "the default".
+const zeroIsAmbiguous = `%s: 0 is ambiguous; write "off" to disable it or a positive duration`
+
+// handlerFields is Handler without its methods, for its JSON.
+type handlerFields Handler
+
+// handlerJSON is Handler's JSON config: the options that take "off" are
+// read and written as raw values here, every other one as Handler's field.
+type handlerJSON struct {
+	*handlerFields
+	Heartbeat    json.RawMessage `json:"heartbeat,omitempty"`
+	WriteTimeout json.RawMessage `json:"write_timeout,omitempty"`
+	DrainWindow  json.RawMessage `json:"drain_window,omitempty"`
+}
+
+// offDurations pairs the options that take "off" in j with h's fields.
+func offDurations(h *Handler, j *handlerJSON) []offDuration {
+	return []offDuration{
+		{"heartbeat", &j.Heartbeat, &h.Heartbeat},
+		{"write_timeout", &j.WriteTimeout, &h.WriteTimeout},
+		{"drain_window", &j.DrainWindow, &h.DrainWindow},
+	}
+}
+
+type offDuration struct {
+	name  string
+	raw   *json.RawMessage
+	value *caddy.Duration
+}
+
+// UnmarshalJSON reads the handler's JSON config strictly, as Caddy reads
+// a module's (an unknown field is an error). heartbeat, write_timeout and
+// drain_window take "off" or a negative duration for off, and a positive
+// duration; left out, they get their defaults; an explicit 0 is refused.
+func (h *Handler) UnmarshalJSON(b []byte) error {
+	j := handlerJSON{handlerFields: (*handlerFields)(h)}
+	if err := caddy.StrictUnmarshalJSON(b, &j); err != nil {
+		return err
+	}
+	for _, o := range offDurations(h, &j) {
+		switch raw := string(*o.raw); raw {
+		case "", "null":
+			continue
+		case `"off"`:
+			*o.value = durationOff
+			continue
+		}
+		var d caddy.Duration
+		if err := json.Unmarshal(*o.raw, &d); err != nil {
+			return fmt.Errorf("%s: want a duration or \"off\", got %s: %v", o.name, *o.raw, err)
+		}
+		if d == 0 {
+			return fmt.Errorf(zeroIsAmbiguous, o.name)
+		}
+		*o.value = d
+	}
+	return nil
+}
+
+// MarshalJSON writes the handler's JSON config, with "off" for the options
+// that are off, so that an adapted Caddyfile says what it said.
+func (h Handler) MarshalJSON() ([]byte, error) {
+	j := handlerJSON{handlerFields: (*handlerFields)(&h)}
+	for _, o := range offDurations(&h, &j) {
+		switch d := *o.value; {
+		case d < 0:
+			*o.raw = json.RawMessage(`"off"`)
+		case d > 0:
+			*o.raw = strconv.AppendInt(nil, int64(d), 10)
+		}
+	}
+	return json.Marshal(j)
+}
+
 // Cleanup drains the requests still open when the handler is unloaded, and
 // gives back the shared streams' registry, which drains too once no loaded
 // configuration uses it.
@@ -333,12 +428,23 @@ func (h *Handler) Cleanup() error {
 	return err
 }
 
-// drain ends every open request within the drain window. Shared streams'
-// hubs stay for the next configuration (hubs.go).
+// drain ends every open request within the drain window (at once when
+// drain_window is off). Shared streams' hubs stay for the next
+// configuration (hubs.go).
 func (h *Handler) drain() {
+	window := max(time.Duration(h.DrainWindow), 0)
 	if h.streams != nil {
-		h.streams.drain(time.Duration(h.DrainWindow))
+		h.streams.drain(window)
 	}
+}
+
+// eventWait is how long a close waits for the event in flight to end:
+// write_timeout, or its default when write_timeout is off.
+func (h *Handler) eventWait() time.Duration {
+	if h.WriteTimeout > 0 {
+		return time.Duration(h.WriteTimeout)
+	}
+	return defaultWriteTimeout
 }
 
 // ServeHTTP passes the request on to next and follows it to its end: see
@@ -356,11 +462,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// its stream handler never ends that response: the next request on
 		// the connection, anyone's, hangs behind it. So HEAD goes upstream
 		// as GET, whose response the gateway cuts after its header: the
-		// connection is closed and the upstream handler notices.
+		// connection is closed and the upstream handler notices. That GET
+		// counts against the limits, as any: it is refused here if it asks
+		// for a stream, at its header if it turns out to be one.
 		r.Method = http.MethodGet
 	}
 	shared := h.hubs != nil && s.askedForStream && !s.head && r.Method == http.MethodGet
-	if s.askedForStream && !s.head {
+	if s.askedForStream {
 		// Refused before anything reaches the upstream. A shared stream's
 		// client counts against max_stream_rate only if it starts an
 		// upstream request (share.go).
@@ -410,5 +518,7 @@ var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
 	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ json.Unmarshaler            = (*Handler)(nil)
+	_ json.Marshaler              = Handler{}
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 )
@@ -387,6 +388,54 @@ func TestClientGoneCancelsUpstream(t *testing.T) {
 	wantReason(t, logs, reasonClientGone)
 	if clock.pending() != 0 {
 		t.Errorf("%d timers left", clock.pending())
+	}
+}
+
+// TestWriteTimeoutOff checks that write_timeout off leaves Caddy's write
+// deadline as the server has it, where write_timeout tightens it for the
+// stream and puts it back after.
+func TestWriteTimeoutOff(t *testing.T) {
+	const server = time.Minute // the server's write_idle_timeout
+	for _, tc := range []struct {
+		name         string
+		writeTimeout caddy.Duration
+		during       time.Duration
+	}{
+		{"2s", seconds(2), 2 * time.Second},
+		{"off", durationOff, server},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := &Handler{WriteTimeout: tc.writeTimeout}
+			provisionTest(t, h)
+			mw := newMemWriter()
+			// What caddyhttp.Server.ServeHTTP puts under every response.
+			iw := &caddyhttp.IdleTimeoutWriter{
+				ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: mw},
+				Ctrl:                  http.NewResponseController(mw),
+				Deadline:              caddyhttp.IdleDeadline{Start: time.Now(), Timeout: server},
+				Logger:                zap.NewNop(),
+			}
+			r := streamRequest("10.0.0.1")
+			r = r.WithContext(caddyhttp.ContextWithIdleTimeouts(r.Context(), nil, iw))
+			var during time.Duration
+			next := handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				w.Header().Set("Content-Type", "text/event-stream")
+				w.WriteHeader(http.StatusOK)
+				during = iw.Deadline.Timeout
+				_, err := w.Write([]byte("data: a\n\n"))
+				return err
+			})
+			if err := h.ServeHTTP(iw, r, next); err != nil {
+				t.Fatal(err)
+			}
+			if during != tc.during || iw.Deadline.Timeout != server {
+				t.Fatalf("write deadline's timeout %v during the stream and %v after, want %v and %v",
+					during, iw.Deadline.Timeout, tc.during, server)
+			}
+			if got := mw.received(); got != "data: a\n\n" {
+				t.Fatalf("client received %q", got)
+			}
+		})
 	}
 }
 

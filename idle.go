@@ -121,7 +121,7 @@ func (s *stream) nextDueLocked() (time.Duration, bool) {
 		}
 		return due, found
 	case t.closing != "":
-		consider(t.closingSince + time.Duration(s.h.WriteTimeout))
+		consider(t.closingSince + s.h.eventWait())
 		return due, found
 	}
 	if hb := time.Duration(s.h.Heartbeat); hb > 0 && s.mode == events {
@@ -167,7 +167,7 @@ func (s *stream) onTimer() {
 			s.stopLocked(reasonUpstreamTimeout, now)
 		}
 	case t.closing != "":
-		if now >= t.closingSince+time.Duration(s.h.WriteTimeout) {
+		if now >= t.closingSince+s.h.eventWait() {
 			// The event in flight never ended: close without adding
 			// anything, which makes the client discard it.
 			s.endLocked(t.closing, errGatewayClosed)

@@ -56,6 +56,14 @@ func TestLastEventIDQuery(t *testing.T) {
 		{"absent", "/events?x=y", "", "x=y", "", 0},
 		{"newline refused", "/events?lastEventId=a%0Ab", "", "", "", http.StatusBadRequest},
 		{"nul refused", "/events?lastEventId=a%00b", "", "", "", http.StatusBadRequest},
+		// Go's transport refuses these as a header value (reverse_proxy's
+		// 502, a refusal the client retries with the same value for ever).
+		{"control character refused", "/events?lastEventId=a%01b", "", "", "", http.StatusBadRequest},
+		{"escape refused", "/events?lastEventId=%1B%5B31m", "", "", "", http.StatusBadRequest},
+		{"del refused", "/events?lastEventId=a%7Fb", "", "", "", http.StatusBadRequest},
+		{"control character refused with a header", "/events?lastEventId=a%01b", "41", "", "", http.StatusBadRequest},
+		{"tab kept", "/events?lastEventId=a%09b", "", "", "a\tb", 0},
+		{"utf-8 kept", "/events?lastEventId=%C3%A9t%C3%A9", "", "", "été", 0},
 		{"too long refused", "/events?lastEventId=" + strings.Repeat("x", maxEventIDLen+1), "", "", "", http.StatusBadRequest},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -127,5 +135,27 @@ func TestDrainClosesEveryStreamWithinWindow(t *testing.T) {
 	}
 	if len(moments) < 3 {
 		t.Fatalf("21 streams closed at only %d distinct moments: not spread", len(moments))
+	}
+}
+
+// TestDrainWindowOff checks that drain_window off closes every stream at
+// once when the server drains, through the close sequence.
+func TestDrainWindowOff(t *testing.T) {
+	h := &Handler{Heartbeat: durationOff, DrainWindow: durationOff, Retry: seconds(1), CloseEvent: "close"}
+	clock, _ := provisionTest(t, h)
+	var runs []*streamRun
+	for range 5 {
+		runs = append(runs, startStream(t, h, clock, newScriptedUpstream()))
+	}
+	h.drain()
+	clock.Advance(0)
+	for i, run := range runs {
+		if got := run.w.received(); got != "retry: 1000\nevent: close\ndata: drain\n\n" {
+			t.Fatalf("stream %d got %q at the drain, want the close sequence at once", i, got)
+		}
+		run.waitUpstreamGone()
+		if err := run.wait(); err != nil || run.panicked != nil {
+			t.Fatalf("stream %d: err %v, panic %v", i, err, run.panicked)
+		}
 	}
 }

@@ -409,6 +409,65 @@ func TestHeadReleasesTheUpstream(t *testing.T) {
 	}
 }
 
+// TestHeadCountsAgainstLimits checks that a HEAD counts like the GET it
+// becomes: one that asks for a stream is refused over the limit before the
+// upstream is contacted, and holds a slot while it lasts; one whose GET
+// turns out to be a stream is refused at its header.
+func TestHeadCountsAgainstLimits(t *testing.T) {
+	h := &Handler{MaxStreams: 1, CloseEvent: "close"}
+	provisionTest(t, h)
+	head := func(ip string, asks bool) *http.Request {
+		r := streamRequest(ip)
+		r.Method = http.MethodHead
+		if !asks {
+			r.Header.Del("Accept")
+		}
+		return r
+	}
+	result, release := heldStream(t, h, streamRequest("10.0.0.1"))
+
+	w := httptest.NewRecorder()
+	wantRefusalStream(t, w, h.ServeHTTP(w, head("10.0.0.2", true), notContacted(t)), reasonMaxStreams)
+
+	released := make(chan struct{})
+	w = httptest.NewRecorder()
+	wantStatus(t, h.ServeHTTP(w, head("10.0.0.2", false), answering(http.StatusOK, "text/event-stream", released)),
+		http.StatusServiceUnavailable)
+	waitFor(t, released, "the refused HEAD's upstream GET to be released")
+
+	close(release)
+	waitFor(t, result, "the held stream to end")
+
+	// Under the limit, a HEAD that asks for a stream holds the slot until
+	// it is answered.
+	started, answer := make(chan struct{}), make(chan struct{})
+	next := handlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		close(started)
+		select {
+		case <-answer:
+		case <-time.After(testWait):
+			t.Error("the test never let the HEAD's upstream answer")
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(http.StatusOK)
+		return nil
+	})
+	done := make(chan error, 1)
+	hw := httptest.NewRecorder()
+	go func() { done <- h.ServeHTTP(hw, head("10.0.0.3", true), next) }()
+	waitFor(t, started, "the HEAD's upstream GET")
+	w = httptest.NewRecorder()
+	wantRefusalStream(t, w, h.ServeHTTP(w, streamRequest("10.0.0.4"), notContacted(t)), reasonMaxStreams)
+	close(answer)
+	if err := waitFor(t, done, "the HEAD's answer"); err != nil || hw.Code != http.StatusOK {
+		t.Fatalf("HEAD under the limit: %d, %v", hw.Code, err)
+	}
+	// Answered, it gave the slot back.
+	result, release = heldStream(t, h, streamRequest("10.0.0.4"))
+	close(release)
+	waitFor(t, result, "the last stream to end")
+}
+
 func TestMaxStreamRate(t *testing.T) {
 	h := &Handler{MaxStreamRate: 2, CloseEvent: "close"}
 	clock, _ := provisionTest(t, h)

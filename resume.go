@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"golang.org/x/net/http/httpguts"
 )
 
 // lastEventIDFromQuery moves the last event ID from the configured query
@@ -34,9 +35,12 @@ func (h *Handler) lastEventIDFromQuery(r *http.Request) error {
 	if !found {
 		return nil
 	}
-	if len(value) > maxEventIDLen || strings.ContainsAny(value, "\r\n\x00") {
+	// A value Go's transport would refuse to send as a header makes
+	// reverse_proxy answer 502, which retry_statuses turns into a refusal
+	// the client retries with the same value, for ever. 400 stops it.
+	if len(value) > maxEventIDLen || !httpguts.ValidHeaderFieldValue(value) {
 		return caddyhttp.Error(http.StatusBadRequest,
-			fmt.Errorf("%s: a last event ID must be at most %d bytes without CR, LF or NUL", h.LastEventIDQuery, maxEventIDLen))
+			fmt.Errorf("%s: a last event ID must be at most %d bytes, with no control character but tab", h.LastEventIDQuery, maxEventIDLen))
 	}
 	r.URL.RawQuery = strings.Join(kept, "&")
 	if r.Header.Get("Last-Event-ID") == "" {

@@ -147,11 +147,14 @@ type stream struct {
 	closed bool // nothing more may be written to the client
 	// closeSent is true once the close sequence reached the client.
 	closeSent bool
-	reason    endReason // why it ended, once known
-	state     eventState
-	times     streamTimes
-	duration  time.Duration // how long it lasted, once it has ended
-	bytesOut  int64
+	// userTimeout is true while the stream holds the TCP_USER_TIMEOUT it
+	// set on the client's connection (conn.go).
+	userTimeout bool
+	reason      endReason // why it ended, once known
+	state       eventState
+	times       streamTimes
+	duration    time.Duration // how long it lasted, once it has ended
+	bytesOut    int64
 	// heartbeats counts the heartbeats written.
 	heartbeats int64
 	// eventWrites counts the first writes that carried events, while they
@@ -327,6 +330,15 @@ func (s *stream) WriteHeader(status int) {
 	}
 	s.wroteHeader = true
 	if s.head {
+		if status == http.StatusOK && isEventStream(s.Header()) {
+			if reason := s.h.streams.acquire(s, true); reason != "" {
+				// The GET is a stream that did not ask to be one, over the
+				// limits: refused like one.
+				dropEntityHeaders(s.Header())
+				s.refuseLocked(reason)
+				return
+			}
+		}
 		// Answer the HEAD with the GET's header, and cut the GET.
 		s.stepAsideLocked(headOnly)
 		s.endLocked(reasonUpstreamEnd, errGatewayClosed)
@@ -436,9 +448,12 @@ func (s *stream) engageLocked(status int) {
 	if header.Get("Cache-Control") == "" {
 		header.Set("Cache-Control", "no-cache")
 	}
-	s.boundWritesLocked()
+	if s.h.WriteTimeout > 0 {
+		// write_timeout off leaves the write deadline as the server has it.
+		s.boundWritesLocked()
+		s.userTimeout = setClientTimeout(s.req.Context(), time.Duration(s.h.WriteTimeout))
+	}
 	s.rc = http.NewResponseController(s.ResponseWriter)
-	setClientTimeout(s.req.Context(), time.Duration(s.h.WriteTimeout))
 	sseMetrics.active.Inc()
 
 	s.ResponseWriter.WriteHeader(status)
@@ -766,6 +781,11 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 	}
 	if s.ownDeadlineWriter != nil {
 		s.ownDeadlineWriter.HandlerDone()
+	}
+	if s.userTimeout {
+		// A keep-alive or HTTP/2 connection goes on without the stream's.
+		restoreClientTimeout(s.req.Context())
+		s.userTimeout = false
 	}
 	s.mu.Unlock()
 	s.times.callbacks.Wait()
