@@ -300,8 +300,9 @@ func (hb *hub) endFirst(hw *hubWriter, err error, panicked any) {
 	if hb.state == hubStarting {
 		// No header at all: reverse_proxy's 502 while the upstream is
 		// down, say. Clients are refused, as a stream of their own would
-		// be, if its status is one to retry.
-		if status := errorStatus(err); err != nil && panicked == nil && h.retryStatus(status) {
+		// be, if its status is one to retry; not when the hub was released
+		// (its clients all left before the header).
+		if status := errorStatus(err); err != nil && panicked == nil && hb.ctx.Err() == nil && h.retryStatus(status) {
 			hb.state, hb.refusal = hubFailed, upstreamStatus(status)
 		} else {
 			hb.state = hubEnded

@@ -973,3 +973,24 @@ func TestShareWaitersOfWhatIsNotAStreamAskOnTheirOwn(t *testing.T) {
 		t.Errorf("got %q, want a refusal", got)
 	}
 }
+
+func TestShareClientsLeavingBeforeTheHeaderAreNoFailure(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	h, _ := shareHandler(t, &ShareConfig{})
+	up := newHubUpstream()
+	up.hold = make(chan struct{})
+	a := startClient(t, h, up, "/early")
+	waitSubscribers(t, h, 1)
+	a.cancel()
+	a.waitDone(t)
+	// The upstream request was released, not failed: the next client asks
+	// again at once instead of being refused for a backoff.
+	close(up.hold)
+	b := startClient(t, h, up, "/early")
+	up.next(t).send(t, "data: hello\n\n")
+	if got := b.waitBody(t, "data: hello\n\n"); strings.Contains(got, "retry:") {
+		t.Errorf("got %q, want the stream", got)
+	}
+	b.cancel()
+	b.waitDone(t)
+}
