@@ -82,6 +82,8 @@ type hub struct {
 	base     *http.Request // the upstream request, on ctx
 	idPrefix string        // of the gateway's ids (assign_ids)
 	ready    chan struct{} // closed once the first header is in, or the first attempt ended without one
+	finished chan struct{} // closed when run returns: no upstream request is left
+	clientIP string        // the starter's, whose max_streams_per_client bounds the hub's linger
 
 	// Set before ready is closed, read after.
 	refusal  endReason     // hubFailed: what waiting clients are refused with
@@ -136,6 +138,8 @@ func (reg *hubRegistry) newHub(key string, h *Handler, r *http.Request, next cad
 		reg: reg, key: key, ctx: base.Context(), cancel: cancel, base: base,
 		idPrefix: hex.EncodeToString(prefix[:]) + "-",
 		ready:    make(chan struct{}),
+		finished: make(chan struct{}),
+		clientIP: clientIP(r),
 		relay:    make(chan []byte),
 		relayAck: make(chan error),
 		done:     make(chan struct{}),
@@ -170,6 +174,7 @@ func (hb *hub) handler() *Handler { return hb.reg.handler() }
 // run is the hub's upstream: the first request, and the requests that ask
 // again after it ended or broke.
 func (hb *hub) run() {
+	defer close(hb.finished)
 	defer sseMetrics.hubs.Dec()
 	failures := 0
 	for attempt := 0; ; attempt++ {
@@ -189,6 +194,10 @@ func (hb *hub) run() {
 		}
 		if hb.ctx.Err() != nil {
 			hb.end(reasonDrain)
+			return
+		}
+		if hw.perUser {
+			hb.end(reasonUpstreamEnd)
 			return
 		}
 		if errors.Is(context.Cause(ctx), errHubMove) {
@@ -343,6 +352,7 @@ type hubWriter struct {
 	pending     []byte
 	endedCR     bool // the last chunk ended with CR: a leading LF is its CRLF's
 	events      int
+	perUser     bool // a reconnect's response is marked as one user's
 	// After a reconnect, events the upstream sends again exactly as the hub
 	// has them are dropped: dedup until the first that is not, expect the
 	// one the upstream should send next if it replays (0: not found yet).
@@ -375,7 +385,12 @@ func (hw *hubWriter) WriteHeader(status int) {
 	switch {
 	case !hw.first:
 		hw.mode = hwDiscard
-		if stream {
+		if stream && perUser(hw.header, h.Share.Key == "") {
+			// Now marked as one user's: not shared, and the clients go
+			// back to asking on their own (hub.run ends the hub).
+			hw.perUser = true
+			h.reportQuirk(hb.base.RequestURI, quirkPerUserResponse)
+		} else if stream {
 			hw.mode = hwLive
 		}
 		return

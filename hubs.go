@@ -182,15 +182,21 @@ func (reg *hubRegistry) join(key string, sub *subscriber, h *Handler, r *http.Re
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
 	if other := reg.hubs[key]; other != nil && !other.released {
-		// Another client started one meanwhile: join it after all.
-		h.streams.releaseHubSlot()
 		other.mu.Lock()
-		defer other.mu.Unlock()
-		if other.state == hubStarting || other.state == hubLive {
+		switch other.state {
+		case hubStarting, hubLive:
+			// Another client started one meanwhile: join it after all.
+			h.streams.releaseHubSlot()
 			other.addLocked(sub)
+			other.mu.Unlock()
 			return other, false, ""
+		case hubFailed:
+			h.streams.releaseHubSlot()
+			refused = other.refusal
+			other.mu.Unlock()
+			return nil, false, refused
 		}
-		return nil, false, other.refusal
+		other.mu.Unlock() // ending: the new hub takes its place
 	}
 	hb = reg.newHub(key, h, r, next)
 	hb.slots = h.streams
@@ -279,10 +285,10 @@ func (reg *hubRegistry) releaseLocked(hb *hub) {
 func (reg *hubRegistry) idle(hb *hub, gen uint64) {
 	h := reg.handler()
 	reg.mu.Lock()
-	defer reg.mu.Unlock()
 	hb.mu.Lock()
 	if len(hb.subs) > 0 || hb.released || gen != 0 && gen != hb.lingerGen {
 		hb.mu.Unlock()
+		reg.mu.Unlock()
 		return // back in use, gone, or a linger a client's return cancelled
 	}
 	linger := time.Duration(h.Share.Linger)
@@ -293,11 +299,56 @@ func (reg *hubRegistry) idle(hb *hub, gen uint64) {
 			hb.lingerTimer = h.clock.AfterFunc(linger, func() { reg.idle(hb, g) })
 		}
 		hb.mu.Unlock()
+		evicted := reg.boundLingerLocked(hb, h.MaxStreamsPerClient)
+		reg.mu.Unlock()
+		if evicted != nil {
+			awaitUpstreamEnd(evicted)
+		}
 		return
 	}
 	hb.lingerTimer = nil
 	hb.mu.Unlock()
 	reg.releaseLocked(hb)
+	reg.mu.Unlock()
+}
+
+// boundLingerLocked keeps one client from holding more lingering hubs
+// than max_streams_per_client (when set), which would otherwise let it hold
+// an upstream request open for every key it ever asked for: past it,
+// another lingering hub it started is released, and returned.
+func (reg *hubRegistry) boundLingerLocked(hb *hub, perClient int) *hub {
+	if perClient <= 0 {
+		return nil
+	}
+	var another *hub
+	lingering := 0
+	for _, other := range reg.hubs {
+		if other.clientIP != hb.clientIP {
+			continue
+		}
+		other.mu.RLock()
+		if len(other.subs) == 0 && other.lingerTimer != nil {
+			lingering++
+			if other != hb {
+				another = other
+			}
+		}
+		other.mu.RUnlock()
+	}
+	if lingering <= perClient || another == nil {
+		return nil
+	}
+	reg.releaseLocked(another)
+	return another
+}
+
+// awaitUpstreamEnd waits, briefly, for a released hub's upstream request to
+// end, so that a slot it gave up is free at the upstream too.
+func awaitUpstreamEnd(hb *hub) {
+	select {
+	case <-hb.finished:
+	case <-time.After(time.Second):
+	}
 }
 
 // evictLingering releases a hub that only lingers (no clients), so that its
@@ -305,15 +356,21 @@ func (reg *hubRegistry) idle(hb *hub, gen uint64) {
 // found one.
 func (reg *hubRegistry) evictLingering() bool {
 	reg.mu.Lock()
-	defer reg.mu.Unlock()
+	var evicted *hub
 	for _, hb := range reg.hubs {
 		hb.mu.RLock()
 		lingering := len(hb.subs) == 0 && hb.lingerTimer != nil
 		hb.mu.RUnlock()
 		if lingering {
 			reg.releaseLocked(hb)
-			return true
+			evicted = hb
+			break
 		}
 	}
-	return false
+	reg.mu.Unlock()
+	if evicted == nil {
+		return false
+	}
+	awaitUpstreamEnd(evicted)
+	return true
 }

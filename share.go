@@ -37,14 +37,15 @@ import (
 type ShareConfig struct {
 	// Key names the shared stream; requests with the same key share one
 	// upstream request. It takes placeholders, replaced per request, and is
-	// used exactly as given (plus the host), so a key that leaves out who
+	// used exactly as given (plus the host and path), so a key that leaves out who
 	// the user is shares one user's stream with everyone: use it only for
 	// broadcast streams. A request for which any placeholder of the key is
 	// unknown or empty is not shared: it gets an upstream request of its
-	// own. Default: empty, which keys by host, path and query plus a
-	// digest of every request header but those browsers vary without
-	// naming anyone (see keyIgnores) and of the TLS client certificate,
-	// so requests that could be of different users never share.
+	// own. The path is always part of the key. Default: empty, which keys
+	// by host, path and query plus a digest of every request header but
+	// those browsers vary without naming anyone (see keyIgnores), of the
+	// TLS client certificate and of the client's IP address, so requests
+	// that could be of different users never share.
 	// Last-Event-ID (and the last_event_id_query parameter) is never part
 	// of the key.
 	Key string `json:"key,omitempty"`
@@ -147,7 +148,9 @@ func (h *Handler) shareKey(r *http.Request) (string, bool) {
 		if err != nil {
 			return "", false
 		}
-		return r.Host + "\x00" + key, true
+		// The path keeps routes apart: a route never joins another's
+		// shared stream, even when a reload reorders them (hubs.go).
+		return r.Host + "\x00" + r.URL.Path + "\x00" + key, true
 	}
 	names := make([]string, 0, len(r.Header))
 	for name := range r.Header {
@@ -168,6 +171,14 @@ func (h *Handler) shareKey(r *http.Request) (string, bool) {
 	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
 		digest.Write([]byte{2})
 		digest.Write(r.TLS.PeerCertificates[0].Raw)
+	}
+	// The client's address too: a handler after sse (a remote_ip
+	// matcher, an upstream that checks X-Forwarded-For) may decide on it.
+	digest.Write([]byte{3})
+	if ip := clientIP(r); ip != "" {
+		digest.Write([]byte(ip))
+	} else {
+		digest.Write([]byte(r.RemoteAddr))
 	}
 	return r.Host + "\x00" + r.URL.Path + "\x00" + r.URL.RawQuery + "\x00" + string(digest.Sum(nil)), true
 }
