@@ -352,7 +352,8 @@ type hubWriter struct {
 	pending     []byte
 	endedCR     bool // the last chunk ended with CR: a leading LF is its CRLF's
 	events      int
-	perUser     bool // a reconnect's response is marked as one user's
+	perUser     bool   // a reconnect's response is marked as one user's
+	eventIDs    uint32 // the state's id fields when the event being read began
 	// After a reconnect, events the upstream sends again exactly as the hub
 	// has them are dropped: dedup until the first that is not, expect the
 	// one the upstream should send next if it replays (0: not found yet).
@@ -506,7 +507,7 @@ func (hw *hubWriter) split(p []byte) error {
 	_, rest := hw.state.takeBOM(p, true)
 	maxEvent := hw.hub.handler().Share.MaxBacklog
 	for len(rest) > 0 {
-		ended, ids := hw.state.ended, hw.state.idFields
+		ended := hw.state.ended
 		n := hw.state.scan(rest, true)
 		if !hw.state.atBoundary() {
 			if int64(len(hw.pending)+n) > maxEvent {
@@ -531,7 +532,9 @@ func (hw *hubWriter) split(p []byte) error {
 		}
 		hw.endedCR = chunk[len(chunk)-1] == '\r'
 		if hw.state.ended != ended {
-			hw.event(chunk, hw.state.idFields != ids)
+			// The event's id line may have come in an earlier write.
+			hw.event(chunk, hw.state.idFields != hw.eventIDs)
+			hw.eventIDs = hw.state.idFields
 		}
 	}
 	return nil

@@ -53,6 +53,7 @@ func newRing() *ring {
 func (rg *ring) startFrom(lastID string) {
 	rg.lastID = lastID
 	rg.resume[lastID] = 0
+	rg.trimmedID = lastID // its entry goes with the first event
 }
 
 // add appends an event, with the last event ID a client holds after it.

@@ -331,7 +331,7 @@ func (s *stream) WriteHeader(status int) {
 	s.wroteHeader = true
 	if s.head {
 		if status == http.StatusOK && isEventStream(s.Header()) {
-			if reason := s.h.streams.acquire(s, true); reason != "" {
+			if reason := s.h.streams.acquire(s, !s.askedForStream); reason != "" {
 				// The GET is a stream that did not ask to be one, over the
 				// limits: refused like one.
 				dropEntityHeaders(s.Header())
@@ -355,7 +355,7 @@ func (s *stream) WriteHeader(status int) {
 		s.ResponseWriter.WriteHeader(status)
 		return
 	}
-	if reason := s.h.streams.acquire(s, true); reason != "" {
+	if reason := s.h.streams.acquire(s, !s.askedForStream); reason != "" {
 		// A stream that did not ask to be one, over the limits.
 		dropEntityHeaders(s.Header())
 		s.refuseLocked(reason)
