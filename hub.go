@@ -296,11 +296,6 @@ func (hb *hub) request(ctx context.Context) *http.Request {
 	return req
 }
 
-func callNext(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request) (err error, panicked any) {
-	defer func() { panicked = recover() }()
-	return next.ServeHTTP(w, r), nil
-}
-
 // endFirst settles a first attempt that brought no shared stream.
 func (hb *hub) endFirst(hw *hubWriter, err error, panicked any) {
 	hb.runErr, hb.panicked = err, panicked
@@ -610,7 +605,7 @@ func (hb *hub) appendLocked(data []byte, hasID bool, id string) {
 	for sub := range hb.subs {
 		behind := newest-sub.posStart > conf.MaxBacklog
 		if behind && sub.writing.Load() && !sub.dropped.Swap(true) {
-			sub.s.cutSlowClient()
+			sub.s.cut(reasonSlowClient)
 		}
 		if !behind && sub.pos < needed {
 			needed = sub.pos

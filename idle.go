@@ -198,12 +198,9 @@ func (s *stream) heartbeatLocked(now time.Duration) {
 	}
 }
 
-// drainNow ends the request as its server goes away, at the moment the
-// drain drew for it (see streamSet.drain).
-func (s *stream) drainNow() { s.stopNow(reasonDrain) }
-
-// stopNow ends the request for reason from outside its timer: a drain, or
-// a shared stream's feed (share.go).
+// stopNow ends the request for reason from outside its timer: a drain, at
+// the moment it drew for the request (streamSet.drain), or a shared
+// stream's feed (share.go).
 func (s *stream) stopNow(reason endReason) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

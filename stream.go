@@ -221,7 +221,7 @@ func (s *stream) serve(next caddyhttp.Handler) error {
 	// quarter of the memory the gateway adds to a stream. The handlers
 	// before this one get the request back as it came once next returns.
 	setContext(s.req, ctx)
-	err, panicked := s.runNext(next, s.req)
+	err, panicked := callNext(next, s, s.req)
 	// The decoder's goroutine is done with the request before it is
 	// rewritten.
 	s.stopDecoding()
@@ -267,13 +267,14 @@ func (s *stream) arrive(cancel context.CancelCauseFunc) {
 	s.h.streams.add(s)
 }
 
-// runNext calls next and recovers a panic it raises. reverse_proxy panics
-// with http.ErrAbortHandler when a stream breaks after the header was sent:
-// the upstream failed, the client went away, or the gateway itself
+// callNext calls next and recovers a panic it raises: a stream's next
+// handler, or a shared stream's upstream request (hub.go). reverse_proxy
+// panics with http.ErrAbortHandler when a stream breaks after the header was
+// sent: the upstream failed, the client went away, or the gateway itself
 // cancelled the upstream to close the stream.
-func (s *stream) runNext(next caddyhttp.Handler, r *http.Request) (err error, panicked any) {
+func callNext(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request) (err error, panicked any) {
 	defer func() { panicked = recover() }()
-	return next.ServeHTTP(s, r), nil
+	return next.ServeHTTP(w, r), nil
 }
 
 // setContext gives r the context ctx without a copy of r on the heap. Not
@@ -705,21 +706,14 @@ var errCut = errors.New("sse: stream cut at the end of the drain window")
 // cut ends the request at once, from any goroutine, even while a write to
 // a client that stopped reading holds the stream: the upstream is released
 // and the server's own writer gets a write deadline in the past, which
-// fails the write in flight. The drain's hard stop uses it for what is
-// still open after the drain window.
-func (s *stream) cut() {
+// fails the write in flight. reason is reasonDrain for the drain's hard
+// stop (what is still open after the drain window), or reasonSlowClient for
+// a shared stream's client that fell too far behind.
+func (s *stream) cut(reason endReason) {
+	if reason == reasonSlowClient {
+		s.cutSlow.Store(true)
+	}
 	s.cutting.Store(true)
-	s.cutNow()
-}
-
-// cutSlowClient cuts a shared stream's client that fell too far behind.
-func (s *stream) cutSlowClient() {
-	s.cutSlow.Store(true)
-	s.cutting.Store(true)
-	s.cutNow()
-}
-
-func (s *stream) cutNow() {
 	s.cancelUpstream(errGatewayClosed)
 	if d, ok := s.base.(interface{ SetWriteDeadline(time.Time) error }); ok {
 		_ = d.SetWriteDeadline(time.Unix(1, 0))

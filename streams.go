@@ -192,7 +192,7 @@ func (set *streamSet) remove(s *stream) {
 }
 
 // drain ends every open request, and every request that arrives from now
-// on, at a random moment within window (stream.drainNow), then cuts what is
+// on, at a random moment within window (stream.stopNow), then cuts what is
 // still open shortly after the window. Only the first call acts.
 func (set *streamSet) drain(window time.Duration) {
 	set.mu.Lock()
@@ -212,7 +212,7 @@ func (set *streamSet) drain(window time.Duration) {
 // drainLocked schedules s's drain at a random moment within window.
 func (set *streamSet) drainLocked(s *stream, window time.Duration) {
 	if s.drainTimer == nil {
-		s.drainTimer = set.clock.AfterFunc(rand.N(window+1), s.drainNow)
+		s.drainTimer = set.clock.AfterFunc(rand.N(window+1), func() { s.stopNow(reasonDrain) })
 	}
 }
 
@@ -221,7 +221,7 @@ func (set *streamSet) cut() {
 	set.mu.Lock()
 	defer set.mu.Unlock()
 	for s := range set.open {
-		s.cut()
+		s.cut(reasonDrain)
 	}
 	if set.cuts--; set.cuts > 0 && len(set.open) > 0 {
 		set.clock.AfterFunc(cutRepeat, set.cut)
