@@ -44,7 +44,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    retry_bounds           <min> <max>
 //	    share [<key>] {
 //	        replay      <events>
-//	        linger      <duration>
+//	        linger      <duration>|off
 //	        assign_ids
 //	        max_backlog <size>
 //	    }
