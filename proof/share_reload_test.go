@@ -17,8 +17,7 @@ import (
 	"time"
 )
 
-// Shared streams across config reloads, as the root package's
-// TestShareE2EReload proves them, here as rows of the report: a Caddy
+// Shared streams across config reloads, as rows of the report: a Caddy
 // process (reloads go through its admin API's /load, as a deployment's
 // would) in front of upstreams on loopback that number their events, and
 // clients that reconnect the way EventSource does, with Last-Event-ID.
