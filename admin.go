@@ -404,7 +404,7 @@ func (hb *hub) adminStatus(digest string, owner *Handler) hubStatus {
 	case hb.state == hubFailed:
 		st.State = "failed"
 	case hb.state == hubAlone:
-		st.State = "alone"
+		st.State = "unshared"
 	case len(hb.subs) == 0 && hb.lingerTimer != nil:
 		st.State = "lingering"
 	default:
