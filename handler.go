@@ -202,6 +202,7 @@ type Handler struct {
 	hubs          *hubRegistry // shared streams, when Share is set
 	hubsPoolKey   string       // the registry's key in hubPool, once taken
 	hubsCountKey  any          // the key of the server's count of share handlers in hubPool, once taken
+	admin         *adminEntry  // the handler in the admin API (admin.go), when it has a server
 }
 
 // Defaults of the options that have one.
@@ -269,6 +270,9 @@ func (h *Handler) Provision(ctx caddy.Context) (err error) {
 	if srv != nil {
 		srv.RegisterConnContext(withConn)
 		srv.RegisterOnShutdown(h.drain)
+		if err := h.registerAdmin(srv); err != nil {
+			return err
+		}
 	}
 	if h.Share != nil {
 		h.Share.provision(time.Duration(h.Retry))
@@ -415,6 +419,7 @@ func (h Handler) MarshalJSON() ([]byte, error) {
 // gives back the shared streams' registry, which drains too once no loaded
 // configuration uses it.
 func (h *Handler) Cleanup() error {
+	h.unregisterAdmin()
 	h.drain()
 	if h.hubs == nil {
 		return nil

@@ -113,6 +113,7 @@ type hub struct {
 	lingerTimer timer
 	lingerGen   uint64 // tells a stale linger timer from the current one
 	released    bool
+	admin       hubAdmin // the upstream as the admin API sees and steers it (admin.go)
 }
 
 // newHub makes the hub for key, started by the request r. The hub's request
@@ -182,12 +183,14 @@ func (hb *hub) run() {
 		hb.mu.Lock()
 		next, owner := hb.next, hb.nextOwner
 		req := hb.request(ctx)
+		hb.startAttemptLocked(cancel, owner, attempt)
 		hb.mu.Unlock()
 		hw := &hubWriter{hub: hb, ctx: ctx, header: make(http.Header), first: attempt == 0, state: newEventState(), dedup: attempt > 0}
 		stopMove := hb.moveWhenReplaced(owner, cancel)
 		err, panicked := callNext(next, hw, req)
 		stopMove()
 		cancel(nil)
+		renew := hb.attemptEnded() // asked through the admin API
 		if hw.first && hw.mode != hwLive {
 			hb.endFirst(hw, err, panicked)
 			return
@@ -200,7 +203,7 @@ func (hb *hub) run() {
 			hb.end(reasonUpstreamEnd)
 			return
 		}
-		if errors.Is(context.Cause(ctx), errHubMove) {
+		if renew || errors.Is(context.Cause(ctx), errHubMove) {
 			failures = 0
 			sseMetrics.reconnects.Inc()
 			continue // at once, through the newest configuration
@@ -232,6 +235,8 @@ func (hb *hub) run() {
 		t := hb.handler().clock.AfterFunc(wait, func() { close(wake) })
 		select {
 		case <-wake:
+		case <-hb.retrying(wait, failures):
+			t.Stop()
 		case <-hb.ctx.Done():
 			t.Stop()
 			hb.end(reasonDrain)
@@ -388,6 +393,7 @@ func (hw *hubWriter) WriteHeader(status int) {
 			h.reportQuirk(hb.base.RequestURI, quirkPerUserResponse)
 		} else if stream {
 			hw.mode = hwLive
+			hb.connected()
 		}
 		return
 	case stream && !perUser(hw.header, h.Share.Key == ""):
@@ -396,6 +402,7 @@ func (hw *hubWriter) WriteHeader(status int) {
 		header.Del("Content-Length")
 		hb.mu.Lock()
 		hb.state, hb.status, hb.header = hubLive, status, header
+		hb.connectedLocked()
 		hb.mu.Unlock()
 		hb.reg.clearFailure(hb.key)
 	case h.retryStatus(status):

@@ -36,6 +36,7 @@ type hubRegistry struct {
 	hubs     map[string]*hub
 	failures map[string]hubFailure
 	draining bool
+	adminKey []byte // of the hubs' digests in the admin API (admin.go)
 }
 
 // hubFailure is a key whose upstream failed: requests for it are refused

@@ -57,6 +57,7 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, reason endReaso
 		status, _ = strconv.Atoi(code)
 	}
 	sseMetrics.refused.WithLabelValues(string(label)).Inc()
+	h.streams.countRefused(label)
 	if c := h.logger.Check(zapcore.DebugLevel, "stream refused"); c != nil {
 		c.Write(zap.String("uri", r.RequestURI), zap.String("client_ip", clientIP(r)),
 			zap.String("reason", string(reason)), zap.Int("status", status))

@@ -456,6 +456,7 @@ func (s *stream) engageLocked(status int) {
 	}
 	s.rc = http.NewResponseController(s.ResponseWriter)
 	sseMetrics.active.Inc()
+	s.h.streams.engage(s)
 
 	s.ResponseWriter.WriteHeader(status)
 	if !s.writeLocked(nil, nil) {
@@ -787,6 +788,7 @@ func (s *stream) finish(upstreamFailed bool) endReason {
 
 	sseMetrics.active.Dec()
 	sseMetrics.ended.WithLabelValues(string(s.reason)).Inc()
+	s.h.streams.countEnded(s.reason)
 	sseMetrics.duration.Observe(s.age().Seconds())
 	if gone := s.clientGoneAt.Load(); gone != 0 {
 		sseMetrics.teardown.Observe(time.Since(time.Unix(0, gone)).Seconds())

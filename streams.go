@@ -18,9 +18,11 @@ type streamSet struct {
 	clock     clock
 	rate      *rate.Limiter // new streams per second, if capped
 	mu        sync.Mutex
-	slots     int            // streams in progress or asked for, and shared upstream requests
-	perClient map[string]int // the streams, by client IP
-	open      map[*stream]struct{}
+	slots     int              // streams in progress or asked for, and shared upstream requests
+	perClient map[string]int   // the streams, by client IP
+	open      map[*stream]bool // true once a stream, false while waiting for its header
+	// ended and refused count ends and refusals by reason, for the admin API.
+	ended, refused reasonCounts
 	// evict, when set, releases a shared stream that only lingers, so that
 	// its slot can serve a request (hubRegistry.evictLingering). Called
 	// without mu held.
@@ -41,7 +43,7 @@ const (
 )
 
 func newStreamSet(c clock, perSecond int) *streamSet {
-	set := &streamSet{clock: c, perClient: make(map[string]int), open: make(map[*stream]struct{})}
+	set := &streamSet{clock: c, perClient: make(map[string]int), open: make(map[*stream]bool)}
 	if perSecond > 0 {
 		set.rate = rate.NewLimiter(rate.Limit(perSecond), perSecond)
 	}
@@ -174,7 +176,7 @@ func (set *streamSet) release(s *stream) {
 func (set *streamSet) add(s *stream) {
 	set.mu.Lock()
 	defer set.mu.Unlock()
-	set.open[s] = struct{}{}
+	set.open[s] = false
 	if set.draining {
 		set.drainLocked(s, max(set.drainEnd.Sub(set.clock.Now()), 0))
 	}
