@@ -398,8 +398,12 @@ func (hw *hubWriter) WriteHeader(status int) {
 		return
 	case stream && !perUser(hw.header, h.Share.Key == ""):
 		hw.mode = hwLive
+		// What the upstream said of the first request alone (its replay of
+		// that client's Last-Event-ID, its date) is not every client's.
 		header := hw.header.Clone()
-		header.Del("Content-Length")
+		for _, name := range []string{"Content-Length", "Date", replayHeader, "Last-Event-ID"} {
+			header.Del(name)
+		}
 		hb.mu.Lock()
 		hb.state, hb.status, hb.header = hubLive, status, header
 		hb.connectedLocked()
@@ -428,14 +432,17 @@ func (hw *hubWriter) WriteHeader(status int) {
 	hw.decide()
 }
 
-// perUser reports whether a response is marked as one user's: it sets a
-// cookie, is private to one cache, or varies on anything (`*`) or, under
+// perUser reports whether a response is marked as one user's: it sets or
+// clears what the browser keeps for the user, answers its credentials
+// (perUserHeaders), is private to one cache, or varies on anything (`*`) or, under
 // the default key, on a request header the key leaves out (but
 // Accept-Encoding, which the gateway sets itself). Such a response is not
 // shared.
 func perUser(header http.Header, defaultKey bool) bool {
-	if len(header.Values("Set-Cookie")) > 0 {
-		return true
+	for _, name := range perUserHeaders {
+		if len(header.Values(name)) > 0 {
+			return true
+		}
 	}
 	for _, v := range header.Values("Cache-Control") {
 		for _, d := range strings.Split(v, ",") {
@@ -454,6 +461,11 @@ func perUser(header http.Header, defaultKey bool) bool {
 	}
 	return false
 }
+
+// perUserHeaders mark a response as one user's: they set or clear what the
+// browser keeps for the user, or answer the user's credentials.
+var perUserHeaders = []string{"Set-Cookie", "Set-Cookie2", "Clear-Site-Data",
+	"Authentication-Info", "Proxy-Authentication-Info", "WWW-Authenticate", "Proxy-Authenticate"}
 
 // decide tells the waiting clients that the first header is in.
 func (hw *hubWriter) decide() {

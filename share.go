@@ -148,9 +148,7 @@ func (h *Handler) shareKey(r *http.Request) (string, bool) {
 		if err != nil {
 			return "", false
 		}
-		// The path keeps routes apart: a route never joins another's
-		// shared stream, even when a reload reorders them (hubs.go).
-		return r.Host + "\x00" + r.URL.Path + "\x00" + key, true
+		return r.Host + "\x00" + routePath(r) + "\x00" + key, true
 	}
 	names := make([]string, 0, len(r.Header))
 	for name := range r.Header {
@@ -180,7 +178,18 @@ func (h *Handler) shareKey(r *http.Request) (string, bool) {
 	} else {
 		digest.Write([]byte(r.RemoteAddr))
 	}
-	return r.Host + "\x00" + r.URL.Path + "\x00" + r.URL.RawQuery + "\x00" + string(digest.Sum(nil)), true
+	return r.Host + "\x00" + routePath(r) + "\x00" + r.URL.RawQuery + "\x00" + string(digest.Sum(nil)), true
+}
+
+// routePath is the request's path as it came and as it is now (after
+// handle_path, strip_prefix or rewrite): part of every key, it keeps routes
+// apart, so that a route never joins another's shared stream, even when a
+// reload reorders them (hubs.go).
+func routePath(r *http.Request) string {
+	if orig, ok := r.Context().Value(caddyhttp.OriginalRequestCtxKey).(http.Request); ok && orig.URL != nil {
+		return orig.URL.Path + "\x00" + r.URL.Path
+	}
+	return r.URL.Path
 }
 
 // serveShared is one client of a shared stream, inside its stream (s, w):
