@@ -39,7 +39,7 @@ var targetDescriptions = map[string]string{
 	targetCaddy:  "Caddy, bare `reverse_proxy` with `flush_interval -1`",
 	targetSSE:    "Caddy, `sse` + the same `reverse_proxy`",
 	targetNginx:  "nginx from Debian, `proxy_buffering off`, HTTP/1.1 to the upstream",
-	targetShare:  "Caddy, `sse { share }` + the same `reverse_proxy` (fan-out scenario only)",
+	targetShare:  "Caddy, `sse { share {path} }` (one stream per path for every client) + the same `reverse_proxy` (fan-out scenario only)",
 	targetFloor:  "Caddy with a 40-line handler (`internal/caddyfloor`) that holds each subscriber's response open and writes each event POSTed to it, and nothing else: the least any Caddy handler holds per subscriber (fan-out scenario only)",
 	targetNchan:  "nginx from Debian with Debian's Nchan module: subscribers on an `nchan_subscriber eventsource` location, each event published once by HTTP POST to an `nchan_publisher` location; no upstream (fan-out scenario only)",
 }
@@ -225,7 +225,10 @@ func caddyfile(port, adminPort int, upstream string, withSSE, share bool, heartb
 	if withSSE {
 		fmt.Fprintf(&b, "\tsse {\n\t\theartbeat %s\n", heartbeat)
 		if share {
-			b.WriteString("\t\tshare\n")
+			// A broadcast stream, shared by every client whatever its
+			// address: the default key keeps clients of different
+			// addresses apart, and the harness's come from 16.
+			b.WriteString("\t\tshare {path}\n")
 		}
 		b.WriteString("\t}\n")
 	}
