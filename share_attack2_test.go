@@ -117,36 +117,8 @@ func TestAttack2HandlePathReloadCrossesRoutes(t *testing.T) {
 	// The same user opens the news feed; newsH2 holds the registry of the
 	// old /prices route (the first shared route of the server).
 	b := a2Start(t, newsH2, news, "/news/feed", "/news")
-	deadline := time.Now().Add(testWait)
-	for {
-		select {
-		case nr := <-news.reqs:
-			// What should happen: /news asks its own upstream.
-			nr.send(t, "data: headline\n\n")
-			b.waitBody(t, "headline")
-			b.cancel()
-			b.waitDone(t)
-			a.cancel()
-			a.waitDone(t)
-			return
-		default:
-		}
-		if subscribers(newsH2) == 2 {
-			pr.send(t, "data: price 102\n\n")
-			got := b.waitBody(t, "price 102")
-			t.Errorf("after a reload that added a route in front, a client of handle_path /news/* joined the /prices/* route's shared stream (both reach sse as /feed) and got %q", got)
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("/scores client neither asked its upstream nor joined")
-		}
-		time.Sleep(time.Millisecond)
-	}
-	b.cancel()
-	a.cancel()
-	b.waitDone(t)
-	a.waitDone(t)
-	pr.waitGone(t)
+	expectOwnUpstream(t, newsH2, a, b, news, pr,
+		"after a reload that added a route in front, a client of handle_path /news/* joined the /prices/* route's shared stream (both reach sse as /feed)")
 }
 
 // TestAttack2PerUserHeadersReachJoiners: under a key that shares among

@@ -68,6 +68,42 @@ func subscribers(h *Handler) int {
 
 // provisionOn provisions h as a handler of srv (as Caddy does, with the
 // server in the context), on clock.
+// expectOwnUpstream checks that b, a client of h on another route than a's
+// shared stream (whose upstream request is other), asks its own upstream
+// (own) rather than joining a's stream; if it joins, a marker sent on a's
+// stream shows what crossed, and the test fails with what.
+func expectOwnUpstream(t *testing.T, h *Handler, a, b *atkClient, own *hubUpstream, other *hubReq, what string) {
+	t.Helper()
+	deadline := time.Now().Add(testWait)
+	for {
+		select {
+		case req := <-own.reqs:
+			req.send(t, "data: own\n\n")
+			b.waitBody(t, "data: own")
+			b.cancel()
+			b.waitDone(t)
+			a.cancel()
+			a.waitDone(t)
+			return
+		default:
+		}
+		if subscribers(h) == 2 {
+			other.send(t, "data: crossed\n\n")
+			t.Errorf("%s: got %q", what, b.waitBody(t, "crossed"))
+			b.cancel()
+			a.cancel()
+			b.waitDone(t)
+			a.waitDone(t)
+			other.waitGone(t)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the client neither asked its own upstream nor joined")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 func provisionOn(t *testing.T, h *Handler, srv *caddyhttp.Server, clock *fakeClock) {
 	t.Helper()
 	h.clock = clock
@@ -174,35 +210,8 @@ func TestAttackReloadReorderCrossesRoutes(t *testing.T) {
 	})
 
 	b := atkStart(t, scoresH2, scores, "/scores", "", "X-Tenant", "acme")
-	deadline := time.Now().Add(testWait)
-	for {
-		select {
-		case sr := <-scores.reqs:
-			sr.send(t, "data: score 3-1\n\n")
-			b.waitBody(t, "score 3-1")
-			b.cancel()
-			b.waitDone(t)
-			a.cancel()
-			a.waitDone(t)
-			return
-		default:
-		}
-		if subscribers(scoresH2) == 2 {
-			pr.send(t, "data: price 102\n\n")
-			got := b.waitBody(t, "price 102")
-			t.Errorf("after a reload that reordered the routes, a client of /scores got /prices' shared stream: %q", got)
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("/scores client neither asked its upstream nor joined")
-		}
-		time.Sleep(time.Millisecond)
-	}
-	b.cancel()
-	a.cancel()
-	b.waitDone(t)
-	a.waitDone(t)
-	pr.waitGone(t)
+	expectOwnUpstream(t, scoresH2, a, b, scores, pr,
+		"after a reload that reordered the routes, a client of /scores got /prices' shared stream")
 }
 
 // TestAttackLingerBypassesPerClientLimit: a lingering hub keeps an upstream
