@@ -98,7 +98,7 @@ type hub struct {
 	// registry's lock.
 	slots *streamSet
 
-	// Lock order: hubRegistry.mu, then hub.mu, then stream.mu.
+	// Lock order: see hubRegistry.mu.
 	mu          sync.RWMutex
 	state       hubState
 	status      int

@@ -29,8 +29,11 @@ type hubRegistry struct {
 	// apply to every hub, and its clock and logger serve them.
 	current atomic.Pointer[Handler]
 
-	// Lock order: hubRegistry.mu, then hub.mu, then stream.mu; a
-	// streamSet's lock is never held while taking this one.
+	// Lock order: stream.mu, then hubRegistry.mu, then hub.mu, then
+	// streamSet.mu. A stream's lock is never taken under the others (a
+	// stream refused at its header, under its lock, may release a lingering
+	// hub for its slot), and a streamSet's lock is never held while taking
+	// the others (streamSet.evict is called without it).
 	mu       sync.Mutex
 	owners   []*Handler // the handlers that use it, oldest first
 	hubs     map[string]*hub
