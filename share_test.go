@@ -16,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 )
 
@@ -442,10 +443,12 @@ func TestShareReconnectsWithoutGapOrDuplicate(t *testing.T) {
 
 func TestShareUpstreamGivesUp(t *testing.T) {
 	defer verifyNoNewGoroutines(t)()
-	h, clock := shareHandler(t, &ShareConfig{})
+	h, clock, logs := shareHandlerLogs(t, &ShareConfig{})
 	up := newHubUpstream()
 	a := startClient(t, h, up, "/g")
+	b := startClient(t, h, up, "/g")
 	hr := up.next(t)
+	waitSubscribers(t, h, 2)
 	hr.send(t, "data: x\n\n")
 	a.waitBody(t, "data: x\n\n")
 	for i := 0; i <= reconnectTries; i++ {
@@ -461,6 +464,11 @@ func TestShareUpstreamGivesUp(t *testing.T) {
 	if ms, err := strconv.Atoi(retry); err != nil || ms < 3000 || ms > 6000 ||
 		!strings.HasSuffix(got, "\nevent: bye\ndata: upstream_error\n\n") {
 		t.Errorf("client got %q, want the close sequence with upstream_error and a retry within [3000, 6000]", got)
+	}
+	b.waitDone(t)
+	// One warning for the shared stream, none per client.
+	if n := logs.FilterLevelExact(zapcore.WarnLevel).Len(); n != 1 {
+		t.Errorf("%d warnings, want 1 for the shared stream: %v", n, logs.FilterLevelExact(zapcore.WarnLevel).All())
 	}
 }
 
