@@ -147,28 +147,9 @@ func (reg *hubRegistry) releaseAll() {
 // or a new upstream request over h's limits, refuses it instead.
 func (reg *hubRegistry) join(key string, sub *subscriber, h *Handler, r *http.Request, next caddyhttp.Handler) (hb *hub, starter bool, refused endReason) {
 	reg.mu.Lock()
-	if hb = reg.hubs[key]; hb != nil {
-		hb.mu.Lock()
-		if hb.state == hubFailed {
-			// Its first attempt failed a moment ago: nobody asks again
-			// before the backoff (recordFailure).
-			refused = hb.refusal
-			hb.mu.Unlock()
-			reg.mu.Unlock()
-			return nil, false, refused
-		}
-		if !hb.released && (hb.state == hubStarting || hb.state == hubLive) {
-			if h == reg.handler() && hb.nextOwner != h {
-				// The newest configuration's next handler serves the
-				// hub's next upstream request.
-				hb.next, hb.nextOwner = next, h
-			}
-			hb.addLocked(sub)
-			hb.mu.Unlock()
-			reg.mu.Unlock()
-			return hb, false, ""
-		}
-		hb.mu.Unlock()
+	if hb, refused, found := reg.joinLocked(key, sub, h, next); found {
+		reg.mu.Unlock()
+		return hb, false, refused
 	}
 	if f, ok := reg.failures[key]; ok && h.clock.Now().Before(f.retryAt) {
 		reg.mu.Unlock()
@@ -185,22 +166,10 @@ func (reg *hubRegistry) join(key string, sub *subscriber, h *Handler, r *http.Re
 	}
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
-	if other := reg.hubs[key]; other != nil && !other.released {
-		other.mu.Lock()
-		switch other.state {
-		case hubStarting, hubLive:
-			// Another client started one meanwhile: join it after all.
-			h.streams.releaseHubSlot()
-			other.addLocked(sub)
-			other.mu.Unlock()
-			return other, false, ""
-		case hubFailed:
-			h.streams.releaseHubSlot()
-			refused = other.refusal
-			other.mu.Unlock()
-			return nil, false, refused
-		}
-		other.mu.Unlock() // ending: the new hub takes its place
+	if hb, refused, found := reg.joinLocked(key, sub, h, next); found {
+		// Another client started one meanwhile.
+		h.streams.releaseHubSlot()
+		return hb, false, refused
 	}
 	hb = reg.newHub(key, h, r, next)
 	hb.slots = h.streams
@@ -210,6 +179,32 @@ func (reg *hubRegistry) join(key string, sub *subscriber, h *Handler, r *http.Re
 	reg.hubs[key] = hb
 	go hb.run()
 	return hb, true, ""
+}
+
+// joinLocked adds sub to the running hub of key, or refuses it if that
+// hub's first attempt failed a moment ago (nobody asks again before the
+// backoff, recordFailure); found is false when there is no such hub (none,
+// or one that is ending, whose place a new one takes).
+func (reg *hubRegistry) joinLocked(key string, sub *subscriber, h *Handler, next caddyhttp.Handler) (hb *hub, refused endReason, found bool) {
+	hb = reg.hubs[key]
+	if hb == nil || hb.released {
+		return nil, "", false
+	}
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	switch hb.state {
+	case hubFailed:
+		return nil, hb.refusal, true
+	case hubStarting, hubLive:
+		if h == reg.handler() && hb.nextOwner != h {
+			// The newest configuration's next handler serves the hub's
+			// next upstream request.
+			hb.next, hb.nextOwner = next, h
+		}
+		hb.addLocked(sub)
+		return hb, "", true
+	}
+	return nil, "", false
 }
 
 // recordFailure refuses key's requests for a backoff, longer for each
