@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -47,6 +48,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	        linger      <duration>|off
 //	        assign_ids
 //	        max_backlog <size>
+//	        store       <name> [{ <store options> }]
 //	    }
 //	}
 //
@@ -243,6 +245,18 @@ func (h *Handler) unmarshalShare(d *caddyfile.Dispenser) error {
 			return d.Errf("share: %s: option given more than once", option)
 		}
 		seen[option] = true
+		if option == "store" {
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			name := d.Val()
+			unm, err := caddyfile.UnmarshalModule(d, "http.handlers.sse.stores."+name)
+			if err != nil {
+				return err
+			}
+			c.StoreRaw = caddyconfig.JSONModuleObject(unm, "backend", name, nil)
+			continue
+		}
 		if option == "assign_ids" {
 			if d.NextArg() {
 				return d.ArgErr()

@@ -275,7 +275,9 @@ func (h *Handler) Provision(ctx caddy.Context) (err error) {
 		}
 	}
 	if h.Share != nil {
-		h.Share.provision(time.Duration(h.Retry))
+		if err := h.Share.provision(ctx, time.Duration(h.Retry)); err != nil {
+			return err
+		}
 		h.hubs = newHubRegistry()
 		if srv != nil {
 			// Kept across reloads: see hubs.go.

@@ -2,6 +2,7 @@ package caddysse
 
 import (
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"slices"
@@ -80,6 +81,16 @@ type ShareConfig struct {
 	// that grows past it ends the upstream request, which is asked again.
 	// In bytes. Default: 1 MiB.
 	MaxBacklog int64 `json:"max_backlog,omitempty"`
+
+	// StoreRaw is where the shared streams' events are kept: a module in
+	// the namespace http.handlers.sse.stores, named by its "backend" key.
+	// memory keeps them in this gateway alone; a store such as nats
+	// (github.com/ssegateway/caddy-sse/natsstore) shares each stream, its
+	// upstream request and its ids among a fleet of gateways (see README,
+	// "Running a fleet"). Default: memory.
+	StoreRaw json.RawMessage `json:"store,omitempty" caddy:"namespace=http.handlers.sse.stores inline_key=backend"`
+
+	store Store // nil for memory
 }
 
 const (
@@ -92,8 +103,9 @@ const (
 	replayHeader = "X-SSE-Replay"
 )
 
-// provision sets the share defaults; retry is the handler's.
-func (c *ShareConfig) provision(retry time.Duration) {
+// provision sets the share defaults, retry being the handler's, and loads
+// the store.
+func (c *ShareConfig) provision(ctx caddy.Context, retry time.Duration) error {
 	if c.Replay == nil {
 		n := defaultReplay
 		c.Replay = &n
@@ -104,6 +116,16 @@ func (c *ShareConfig) provision(retry time.Duration) {
 	if c.Linger == 0 {
 		c.Linger = caddy.Duration(max(2*retry, minDefaultLinger))
 	}
+	if c.StoreRaw != nil {
+		mod, err := ctx.LoadModule(c, "StoreRaw")
+		if err != nil {
+			return fmt.Errorf("share: loading store: %v", err)
+		}
+		if _, memory := mod.(*MemoryStore); !memory {
+			c.store = mod.(Store)
+		}
+	}
+	return nil
 }
 
 // validate checks the share options.
