@@ -81,7 +81,11 @@ type hub struct {
 	cancel   context.CancelCauseFunc
 	base     *http.Request // the upstream request, on ctx
 	idPrefix string        // of the gateway's ids (assign_ids)
+	// fleetPrefix is that of the gateway ids of events from a store's
+	// log: a digest of the key, the same on every gateway (fleet.go).
+	fleetPrefix string
 	ready    chan struct{} // closed once the first header is in, or the first attempt ended without one
+	decided  atomic.Bool   // ready is closed
 	finished chan struct{} // closed when run returns: no upstream request is left
 	clientIP string        // the starter's, whose max_streams_per_client bounds the hub's linger
 
@@ -114,6 +118,12 @@ type hub struct {
 	lingerGen   uint64 // tells a stale linger timer from the current one
 	released    bool
 	admin       hubAdmin // the upstream as the admin API sees and steers it (admin.go)
+	// In a fleet (fleet.go): the last event of the log in the ring, whether
+	// this gateway runs the upstream, and whether it rejoined the fleet
+	// after serving alone.
+	logSeq   uint64
+	leading  bool
+	rejoined bool
 }
 
 // newHub makes the hub for key, started by the request r. The hub's request
@@ -149,9 +159,14 @@ func (reg *hubRegistry) newHub(key string, h *Handler, r *http.Request, next cad
 		notify:   make(chan struct{}),
 		next:     next, nextOwner: h,
 	}
+	if h.Share.store != nil {
+		hb.fleetPrefix = LogName(key)[:12] + "-"
+	}
 	if id := r.Header.Get("Last-Event-ID"); id != "" && !(h.Share.AssignIDs && isGatewayID(id)) {
 		hb.upstreamID = id
-		hb.ring.startFrom(id)
+		if h.Share.store == nil {
+			hb.ring.startFrom(id) // a fleet's ring starts with the log's events
+		}
 	}
 	sseMetrics.hubs.Inc()
 	return hb
@@ -172,11 +187,20 @@ func isGatewayID(id string) bool {
 // handler is the newest configuration's handler: its options apply.
 func (hb *hub) handler() *Handler { return hb.reg.handler() }
 
-// run is the hub's upstream: the first request, and the requests that ask
-// again after it ended or broke.
+// run is the hub of the memory store: its upstream requests until it ends.
 func (hb *hub) run() {
 	defer close(hb.finished)
 	defer sseMetrics.hubs.Dec()
+	hb.upstream(nil, nil)
+}
+
+// upstream runs the hub's upstream requests: the first one, and those that
+// ask again after it ended or broke. It returns true when the hub has
+// ended. In a fleet (fleet.go) it runs while this gateway holds lease,
+// appending the events to the store's log, and returns false, the hub
+// going on, once the lease is lost, the log fails (its error), or stop is
+// closed.
+func (hb *hub) upstream(lease Lease, stop <-chan struct{}) (ended bool, storeErr error) {
 	failures := 0
 	for attempt := 0; ; attempt++ {
 		ctx, cancel := context.WithCancelCause(hb.ctx)
@@ -185,23 +209,32 @@ func (hb *hub) run() {
 		req := hb.request(ctx)
 		hb.startAttemptLocked(cancel, owner, attempt)
 		hb.mu.Unlock()
-		hw := &hubWriter{hub: hb, ctx: ctx, header: make(http.Header), first: attempt == 0, state: newEventState(), dedup: attempt > 0}
+		first := !hb.decided.Load()
+		hw := &hubWriter{hub: hb, ctx: ctx, header: make(http.Header), first: first, state: newEventState(), dedup: !first, lease: lease}
 		stopMove := hb.moveWhenReplaced(owner, cancel)
+		stopLeave := stopOn(ctx, cancel, lease, stop, &hw.relaying)
 		err, panicked := callNext(next, hw, req)
+		stopLeave()
 		stopMove()
 		cancel(nil)
 		renew := hb.attemptEnded() // asked through the admin API
 		if hw.first && hw.mode != hwLive {
 			hb.endFirst(hw, err, panicked)
-			return
+			return true, nil
 		}
 		if hb.ctx.Err() != nil {
 			hb.end(reasonDrain)
-			return
+			return true, nil
 		}
 		if hw.perUser {
 			hb.end(reasonUpstreamEnd)
-			return
+			return true, nil
+		}
+		if hw.appendErr != nil && !errors.Is(hw.appendErr, ErrLeaseLost) {
+			return false, hw.appendErr
+		}
+		if cause := context.Cause(ctx); hw.appendErr != nil || errors.Is(cause, ErrLeaseLost) || errors.Is(cause, errFleetMove) {
+			return false, nil // the fleet's to settle
 		}
 		if renew || errors.Is(context.Cause(ctx), errHubMove) {
 			failures = 0
@@ -216,7 +249,7 @@ func (hb *hub) run() {
 				zap.String("uri", hb.base.RequestURI), zap.Int("tries", reconnectTries), zap.Error(err))
 			hb.reg.recordFailure(hb.key, reasonUpstreamError)
 			hb.end(reasonUpstreamError)
-			return
+			return true, nil
 		}
 		wait := backoff(failures)
 		sseMetrics.reconnects.Inc()
@@ -231,18 +264,55 @@ func (hb *hub) run() {
 			}
 			c.Write(fields...)
 		}
+		var lost <-chan struct{}
+		if lease != nil {
+			lost = lease.Lost()
+		}
 		wake := make(chan struct{})
 		t := hb.handler().clock.AfterFunc(wait, func() { close(wake) })
 		select {
 		case <-wake:
 		case <-hb.retrying(wait, failures):
 			t.Stop()
+		case <-lost:
+			t.Stop()
+			return false, nil
+		case <-stop:
+			t.Stop()
+			return false, nil
 		case <-hb.ctx.Done():
 			t.Stop()
 			hb.end(reasonDrain)
-			return
+			return true, nil
 		}
 	}
+}
+
+// stopOn ends an attempt, with cancel, once lease is lost or stop is
+// closed (either may be nil); not while the attempt relays a response to
+// its starter alone, which is no longer the fleet's.
+func stopOn(ctx context.Context, cancel context.CancelCauseFunc, lease Lease, stop <-chan struct{}, relaying *atomic.Bool) func() {
+	if lease == nil && stop == nil {
+		return func() {}
+	}
+	var lost <-chan struct{}
+	if lease != nil {
+		lost = lease.Lost()
+	}
+	done := make(chan struct{})
+	go func() {
+		select {
+		case <-lost:
+			if !relaying.Load() {
+				cancel(ErrLeaseLost)
+			}
+		case <-stop:
+			cancel(errFleetMove)
+		case <-ctx.Done():
+		case <-done:
+		}
+	}()
+	return func() { close(done) }
 }
 
 // moveWhenReplaced ends the upstream request that runs through owner's next
@@ -353,6 +423,9 @@ type hubWriter struct {
 	endedCR     bool // the last chunk ended with CR: a leading LF is its CRLF's
 	events      int
 	perUser     bool   // a reconnect's response is marked as one user's
+	lease       Lease  // a fleet's: the events go to the store's log (fleet.go)
+	appendErr   error  // the log's, which ended the attempt
+	relaying    atomic.Bool
 	eventIDs    uint32 // the state's id fields when the event being read began
 	// After a reconnect, events the upstream sends again exactly as the hub
 	// has them are dropped: dedup until the first that is not, expect the
@@ -394,6 +467,10 @@ func (hw *hubWriter) WriteHeader(status int) {
 		} else if stream {
 			hw.mode = hwLive
 			hb.connected()
+			hb.mu.RLock()
+			status, header := hb.status, hb.header
+			hb.mu.RUnlock()
+			hw.shareHeader(status, header)
 		}
 		return
 	case stream && !perUser(hw.header, h.Share.Key == ""):
@@ -409,6 +486,7 @@ func (hw *hubWriter) WriteHeader(status int) {
 		hb.connectedLocked()
 		hb.mu.Unlock()
 		hb.reg.clearFailure(hb.key)
+		hw.shareHeader(status, header)
 	case h.retryStatus(status):
 		hw.mode = hwDiscard
 		hb.mu.Lock()
@@ -425,11 +503,25 @@ func (hw *hubWriter) WriteHeader(status int) {
 		hb.mu.Lock()
 		hb.state, hb.status, hb.header = hubAlone, status, hw.header.Clone()
 		hb.mu.Unlock()
+		if hw.lease != nil {
+			// Not the fleet's: another gateway's request for the key
+			// tries afresh.
+			hw.relaying.Store(true)
+			hw.lease.Release()
+		}
 		// The next request for the key tries afresh, and the starter's
 		// own stream slot counts it from now on.
 		hb.reg.forget(hb)
 	}
 	hw.decide()
+}
+
+// shareHeader gives a fleet's other gateways the header their clients are
+// sent (fleet.go). A store that fails here fails at the first event too.
+func (hw *hubWriter) shareHeader(status int, header http.Header) {
+	if hw.lease != nil {
+		_ = hw.lease.SetHeader(hw.ctx, LogHeader{Status: status, Header: header})
+	}
 }
 
 // perUser reports whether a response is marked as one user's: it sets or
@@ -471,7 +563,15 @@ var perUserHeaders = []string{"Set-Cookie", "Set-Cookie2", "Clear-Site-Data",
 func (hw *hubWriter) decide() {
 	if !hw.decided && hw.first {
 		hw.decided = true
-		close(hw.hub.ready)
+		hw.hub.markReady()
+	}
+}
+
+// markReady tells the waiting clients that the hub's state is settled. It
+// is called by the hub's own goroutine alone.
+func (hb *hub) markReady() {
+	if !hb.decided.Swap(true) {
+		close(hb.ready)
 	}
 }
 
@@ -547,31 +647,53 @@ func (hw *hubWriter) split(p []byte) error {
 		hw.endedCR = chunk[len(chunk)-1] == '\r'
 		if hw.state.ended != ended {
 			// The event's id line may have come in an earlier write.
-			hw.event(chunk, hw.state.idFields != hw.eventIDs)
+			hasID := hw.state.idFields != hw.eventIDs
 			hw.eventIDs = hw.state.idFields
+			if err := hw.event(chunk, hasID); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
 }
 
 // event takes one whole event; hasID tells whether it had an id field of
-// its own (possibly empty), now in the state's last event ID.
-func (hw *hubWriter) event(chunk []byte, hasID bool) {
-	id := unknownID
-	if last, known := hw.state.lastID(); known {
-		id = string(last)
-	}
+// its own (possibly empty), now in the state's last event ID. In a fleet,
+// the event goes to the store's log, and comes back to the ring from
+// there, as it does on every gateway (fleet.go).
+func (hw *hubWriter) event(chunk []byte, hasID bool) error {
 	hb := hw.hub
 	hb.mu.Lock()
-	defer hb.mu.Unlock()
+	id := hb.upstreamID
+	if last, known := hw.state.lastID(); known {
+		id = string(last)
+	} else if id == "" {
+		id = unknownID
+	}
 	if hw.dedup {
 		if hw.replayed(chunk, hasID && id != "") {
-			return
+			hb.mu.Unlock()
+			return nil
 		}
 		hw.dedup = false
 	}
 	hw.events++
-	hb.appendLocked(append([]byte(nil), chunk...), hasID, id)
+	if hasID {
+		hb.upstreamID = id
+	}
+	if hw.lease == nil {
+		hb.appendLocked(append([]byte(nil), chunk...), hasID, id)
+		hb.mu.Unlock()
+		return nil
+	}
+	hb.mu.Unlock()
+	ev := LogEvent{Data: append([]byte(nil), chunk...), HasID: hasID, ID: id}
+	if err := hw.lease.Append(hw.ctx, ev); err != nil {
+		hw.appendErr = err
+		return err
+	}
+	sseMetrics.storePublished.Inc()
+	return nil
 }
 
 // replayed reports whether the event is one the upstream sends again
@@ -600,22 +722,35 @@ func (hw *hubWriter) replayed(chunk []byte, withID bool) bool {
 	return true
 }
 
-// appendLocked adds a whole event to the ring, trims the ring and wakes the
-// clients. hasID tells whether the upstream gave it an id (id, possibly
-// empty); without one, the client's last event ID stays as it was, or
-// becomes one of the gateway's with assign_ids.
+// appendLocked adds a whole event of the upstream's to the ring. hasID
+// tells whether the upstream gave it an id; without one, the client's last
+// event ID stays as it was, or becomes one of the gateway's with
+// assign_ids.
 func (hb *hub) appendLocked(data []byte, hasID bool, id string) {
+	switch {
+	case hasID:
+	case hb.handler().Share.AssignIDs:
+		data, id = hb.withID(hb.idPrefix, data, hb.ring.next)
+	default:
+		id = hb.ring.lastID
+	}
+	hb.addEventLocked(data, id, hasID)
+}
+
+// withID gives an event without an id of its own the gateway's id prefix
+// and number n: an `id:` line at its start.
+func (hb *hub) withID(prefix string, data []byte, n uint64) ([]byte, string) {
+	id := prefix + strconv.FormatUint(n, 10)
+	return append([]byte("id: "+id+"\n"), data...), id
+}
+
+// addEventLocked adds an event, as clients are sent it, with the last
+// event ID a client holds once it has it, trims the ring and wakes the
+// clients.
+func (hb *hub) addEventLocked(data []byte, id string, upstreamID bool) {
 	conf := hb.handler().Share
 	rg := hb.ring
-	if hasID {
-		hb.upstreamID = id
-	} else if conf.AssignIDs {
-		id = hb.idPrefix + strconv.FormatUint(rg.next, 10)
-		data = append([]byte("id: "+id+"\n"), data...)
-	} else {
-		id = rg.lastID
-	}
-	rg.add(data, id, hasID)
+	rg.add(data, id, upstreamID)
 	// One pass over the clients: the oldest event one still needs, and a
 	// client stuck in a write too far behind is cut (the others notice
 	// their backlog themselves).

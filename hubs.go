@@ -40,6 +40,9 @@ type hubRegistry struct {
 	failures map[string]hubFailure
 	draining bool
 	adminKey []byte // of the hubs' digests in the admin API (admin.go)
+	// storeDown is set while the store fails, so that an outage is
+	// logged once (fleet.go).
+	storeDown atomic.Bool
 }
 
 // hubFailure is a key whose upstream failed: requests for it are refused
@@ -177,7 +180,11 @@ func (reg *hubRegistry) join(key string, sub *subscriber, h *Handler, r *http.Re
 	hb.addLocked(sub)
 	hb.mu.Unlock()
 	reg.hubs[key] = hb
-	go hb.run()
+	if store := h.Share.store; store != nil {
+		go hb.runFleet(store)
+	} else {
+		go hb.run()
+	}
 	return hb, true, ""
 }
 

@@ -31,6 +31,13 @@ var sseMetrics = struct {
 	replayMisses prometheus.Counter
 	slowDrops    prometheus.Counter
 	unshared     *prometheus.CounterVec
+
+	// Stores that share streams among a fleet of gateways (fleet.go).
+	leasesHeld     prometheus.Gauge
+	leasesTaken    prometheus.Counter
+	storePublished prometheus.Counter
+	storeConsumed  prometheus.Counter
+	storeErrors    prometheus.Counter
 }{}
 
 func initMetrics(registry *prometheus.Registry) error {
@@ -103,6 +110,26 @@ func initMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "shared_unshared_total",
 			Help: "Requests of shared routes that got an upstream request of their own, by reason (key_unknown, per_user_response, not_a_stream).",
 		}, []string{"reason"})
+		m.leasesHeld = prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "store_leases_held",
+			Help: "Shared streams whose upstream lease this gateway holds in the fleet's store.",
+		})
+		m.leasesTaken = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "store_lease_changes_total",
+			Help: "Times this gateway took a shared stream's upstream lease in the fleet's store.",
+		})
+		m.storePublished = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "store_events_published_total",
+			Help: "Events this gateway's upstream requests appended to the fleet's store.",
+		})
+		m.storeConsumed = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "store_events_consumed_total",
+			Help: "Events this gateway read from the fleet's store for its clients.",
+		})
+		m.storeErrors = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "store_errors_total",
+			Help: "Times the fleet's store failed or could not be reached; the shared stream went on with an upstream request of this gateway's own.",
+		})
 		for _, r := range unsharedReasons {
 			m.unshared.WithLabelValues(string(r))
 		}
@@ -118,7 +145,8 @@ func initMetrics(registry *prometheus.Registry) error {
 		}
 	})
 	for _, c := range []prometheus.Collector{m.active, m.ended, m.refused, m.events, m.bytes, m.heartbeats, m.duration, m.teardown, m.quirks,
-		m.hubs, m.subscribers, m.reconnects, m.replayed, m.replayMisses, m.slowDrops, m.unshared} {
+		m.hubs, m.subscribers, m.reconnects, m.replayed, m.replayMisses, m.slowDrops, m.unshared,
+		m.leasesHeld, m.leasesTaken, m.storePublished, m.storeConsumed, m.storeErrors} {
 		var already prometheus.AlreadyRegisteredError
 		if err := registry.Register(c); err != nil && !errors.As(err, &already) {
 			return err

@@ -338,8 +338,12 @@ func (hb *hub) leave(sub *subscriber) {
 func (hb *hub) feed(sub *subscriber, w http.ResponseWriter, r *http.Request) error {
 	defer hb.leave(sub)
 	sub.s.shared = true
+	lastID := r.Header.Get("Last-Event-ID")
+	if lastID != "" && hb.fleetPrefix != "" {
+		hb.awaitLogged(r.Context(), lastID)
+	}
 	hb.mu.Lock()
-	if lastID := r.Header.Get("Last-Event-ID"); lastID != "" && !hb.positionLocked(sub, lastID) {
+	if lastID != "" && !hb.positionLocked(sub, lastID) {
 		w.Header().Set(replayHeader, "miss")
 		sseMetrics.replayMisses.Inc()
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"net/http"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -57,6 +58,10 @@ type Log interface {
 	// Lead takes the stream's upstream lease when no gateway holds it,
 	// and returns it; it returns nil, nil when another gateway holds it.
 	Lead(ctx context.Context) (Lease, error)
+
+	// LeaseTerm is how long a lease lasts unrenewed: a gateway whose hub
+	// follows asks for the lease a few times a term.
+	LeaseTerm() time.Duration
 
 	// Header is the response header of the lease holder's upstream, as
 	// its last SetHeader left it, or nil while there is none.
