@@ -100,18 +100,18 @@ func (c *conn) openLog(ctx context.Context, s *Store, name string, events int) (
 		stream:     st,
 		streamName: streamName,
 		subject:    subject,
-		kv:      kv,
-		lease:   time.Duration(s.Lease),
-		timeout: timeout,
+		kv:         kv,
+		lease:      time.Duration(s.Lease),
+		timeout:    timeout,
 	}, nil
 }
 
 // natsLog is one shared stream's log: a subject of a JetStream stream and a
 // key of the lease bucket.
 type natsLog struct {
-	conn    *conn
-	poolKey string
-	name    string // the key, in the bucket
+	conn       *conn
+	poolKey    string
+	name       string // the key, in the bucket
 	stream     jetstream.Stream
 	streamName string
 	subject    string
@@ -151,7 +151,7 @@ func (l *natsLog) Follow(ctx context.Context, after uint64, add func(caddysse.Lo
 	cons, err := l.conn.js.OrderedConsumer(cctx, l.streamName, cfg)
 	cancel()
 	if err != nil {
-		return l.followErr(ctx, fmt.Errorf("nats store: follow: %w", err))
+		return l.fail(ctx, "follow", err)
 	}
 	defer l.deleteConsumer(cons)
 	// What is pending at the start is what was kept: caught up once that
@@ -162,7 +162,7 @@ func (l *natsLog) Follow(ctx context.Context, after uint64, add func(caddysse.Lo
 	}
 	it, err := cons.Messages()
 	if err != nil {
-		return l.followErr(ctx, fmt.Errorf("nats store: follow: %w", err))
+		return l.fail(ctx, "follow", err)
 	}
 	defer it.Stop()
 
@@ -188,10 +188,10 @@ func (l *natsLog) Follow(ctx context.Context, after uint64, add func(caddysse.Lo
 		if err != nil {
 			select {
 			case <-lost:
-				return fmt.Errorf("nats store: follow: %w", errUnreachable)
+				return fmt.Errorf("nats store: follow: %w (connection lost)", errUnreachable)
 			default:
 			}
-			return l.followErr(ctx, fmt.Errorf("nats store: follow: %w", err))
+			return l.fail(ctx, "follow", err)
 		}
 		meta, err := msg.Metadata()
 		if err != nil {
@@ -229,15 +229,16 @@ func (l *natsLog) deleteConsumer(cons jetstream.Consumer) {
 	_ = l.conn.js.DeleteConsumer(ctx, l.streamName, info.Name)
 }
 
-// followErr prefers ctx's error, and says when the connection is down.
-func (l *natsLog) followErr(ctx context.Context, err error) error {
+// fail names the failed operation, prefers ctx's error, and says when the
+// connection is down.
+func (l *natsLog) fail(ctx context.Context, op string, err error) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	if !l.conn.nc.IsConnected() && !errors.Is(err, errUnreachable) {
-		return fmt.Errorf("%w: %w", errUnreachable, err)
+	if !l.conn.nc.IsConnected() {
+		return fmt.Errorf("nats store: %s: %w: %w", op, errUnreachable, err)
 	}
-	return err
+	return fmt.Errorf("nats store: %s: %w", op, err)
 }
 
 // leaseValue is what the lease key holds.
@@ -270,7 +271,7 @@ func (l *natsLog) Lead(ctx context.Context) (caddysse.Lease, error) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, l.followErr(ctx, fmt.Errorf("nats store: lead: %w", err))
+		return nil, l.fail(ctx, "lead", err)
 	}
 	ls.rev = rev
 	// The last event appended is where the holder appends after, and
@@ -280,7 +281,7 @@ func (l *natsLog) Lead(ctx context.Context) (caddysse.Lease, error) {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 	case err != nil:
 		ls.release()
-		return nil, l.followErr(ctx, fmt.Errorf("nats store: lead: last event: %w", err))
+		return nil, l.fail(ctx, "lead: last event", err)
 	default:
 		ls.lastSeq = last.Sequence
 		ls.resumeID = last.Header.Get(headerID)
@@ -309,7 +310,7 @@ func (l *natsLog) Header(ctx context.Context) (*caddysse.LogHeader, error) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, l.followErr(ctx, fmt.Errorf("nats store: header: %w", err))
+		return nil, l.fail(ctx, "header", err)
 	}
 	var v leaseValue
 	if err := json.Unmarshal(e.Value(), &v); err != nil {
@@ -440,9 +441,10 @@ func (ls *natsLease) Append(ctx context.Context, ev caddysse.LogEvent) error {
 	if ev.HasID {
 		msg.Header.Set(headerHasID, "1")
 	}
+	id := ls.value.Holder + "-" + strconv.FormatUint(ls.msgs, 10)
 	opts := []jetstream.PublishOpt{
 		jetstream.WithExpectLastSequencePerSubject(ls.lastSeq),
-		jetstream.WithMsgID(ls.value.Holder + "-" + strconv.FormatUint(ls.msgs, 10)),
+		jetstream.WithMsgID(id),
 	}
 	var ack *jetstream.PubAck
 	var err error
@@ -450,14 +452,21 @@ func (ls *natsLease) Append(ctx context.Context, ev caddysse.LogEvent) error {
 		cctx, cancel := l.call(ctx)
 		ack, err = l.conn.js.PublishMsg(cctx, msg, opts...)
 		cancel()
-		// Only a publish whose ack did not come may have been added:
-		// published again with its id, it is added once.
+		// Only a publish whose ack did not come may have been added; it
+		// is published again with its id.
 		if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, nats.ErrTimeout) || ctx.Err() != nil {
 			break
 		}
 	}
 	switch {
 	case isWrongLastSeq(err):
+		// The server checks the guard before the message id: a retry
+		// whose first publish was added fails it. Then the subject's
+		// last message is that first publish.
+		if seq, ok := ls.appended(ctx, id); ok {
+			ls.lastSeq = seq
+			return nil
+		}
 		ls.markLost()
 		return caddysse.ErrLeaseLost
 	case err != nil:
@@ -465,6 +474,19 @@ func (ls *natsLease) Append(ctx context.Context, ev caddysse.LogEvent) error {
 	}
 	ls.lastSeq = ack.Sequence
 	return nil
+}
+
+// appended tells whether the subject's last message is the one published
+// with the message id, and its sequence.
+func (ls *natsLease) appended(ctx context.Context, id string) (uint64, bool) {
+	l := ls.log
+	cctx, cancel := l.call(ctx)
+	defer cancel()
+	last, err := l.stream.GetLastMsgForSubject(cctx, l.subject)
+	if err != nil || last.Header.Get(jetstream.MsgIDHeader) != id {
+		return 0, false
+	}
+	return last.Sequence, true
 }
 
 // SetHeader writes the header into the lease key, where Header reads it.

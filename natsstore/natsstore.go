@@ -229,7 +229,7 @@ type conn struct {
 	srv *server.Server // nil for remote servers
 
 	mu      sync.Mutex
-	streams map[string]jetstream.Stream    // ensured streams, by config
+	streams map[string]jetstream.Stream   // ensured streams, by config
 	buckets map[string]jetstream.KeyValue // ensured lease buckets, by config
 }
 
@@ -269,7 +269,9 @@ func (s *Store) newConn() (caddy.Destructor, error) {
 		nats.PingInterval(2 * time.Second),
 		nats.MaxPingsOutstanding(2),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			logger.Warn("NATS connection lost", zap.Error(err))
+			if err != nil { // nil: closed by us
+				logger.Warn("NATS connection lost", zap.Error(err))
+			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			logger.Info("NATS connection back", zap.String("server", nc.ConnectedUrlRedacted()))
@@ -332,13 +334,13 @@ func (c *conn) Destruct() error {
 
 // errUnreachable is what the store's calls return while the connection is
 // down.
-var errUnreachable = errors.New("nats store: NATS is unreachable")
+var errUnreachable = errors.New("NATS is unreachable")
 
 // ready fails at once when the connection is not up, rather than after a
 // timeout.
 func (c *conn) ready() error {
 	if !c.nc.IsConnected() {
-		return fmt.Errorf("%w (connection %s)", errUnreachable, strings.ToLower(c.nc.Status().String()))
+		return fmt.Errorf("nats store: %w (connection %s)", errUnreachable, strings.ToLower(c.nc.Status().String()))
 	}
 	return nil
 }
