@@ -3,6 +3,7 @@ package natsstore
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"strings"
@@ -192,6 +193,7 @@ func TestUnreachableAfterOpen(t *testing.T) {
 		followed <- l.Follow(context.Background(), 0, func(caddysse.LogEvent) {}, func() { close(caught) })
 	}()
 	waitFor(t, caught, 3*time.Second, "caughtUp")
+	ls := lead(t, l)
 
 	srv.Shutdown()
 	srv.WaitForShutdown()
@@ -204,6 +206,12 @@ func TestUnreachableAfterOpen(t *testing.T) {
 		t.Logf("Follow: %v after %v", err, time.Since(start))
 	case <-time.After(3 * time.Second):
 		t.Fatal("Follow did not return within 3s of the server's end")
+	}
+
+	// The holder cannot renew: it knows the lease lost within Lease.
+	waitFor(t, ls.Lost(), time.Second+500*time.Millisecond, "Lost while NATS is down")
+	if err := ls.Append(context.Background(), event("x")); !errors.Is(err, caddysse.ErrLeaseLost) {
+		t.Fatalf("Append on a lost lease: %v", err)
 	}
 
 	for name, call := range map[string]func() error{
