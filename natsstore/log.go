@@ -200,7 +200,7 @@ func (l *natsLog) Follow(ctx context.Context, after uint64, add func(caddysse.Lo
 		given++
 		seq := meta.Sequence.Stream
 		if seq <= after {
-			continue // the stream's sequence is shared by all its subjects
+			continue // a safety net: each event once, none before after
 		}
 		after = seq
 		h := msg.Headers()
