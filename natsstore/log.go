@@ -298,6 +298,11 @@ func (l *natsLog) Lead(ctx context.Context) (caddysse.Lease, error) {
 	return ls, nil
 }
 
+// LeaseTerm is how long a lease lasts unrenewed: the store's Lease. (The
+// core's Log interface gains it on main; it is here so that the merge
+// builds.)
+func (l *natsLog) LeaseTerm() time.Duration { return l.lease }
+
 // Header reads the lease key's header: nil while no holder set one.
 func (l *natsLog) Header(ctx context.Context) (*caddysse.LogHeader, error) {
 	if err := l.conn.ready(); err != nil {

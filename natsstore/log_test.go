@@ -108,6 +108,9 @@ func TestLead(t *testing.T) {
 	a := openLog(t, gateway(t, url, 1, lease), caddysse.LogName("k"), 8)
 	b := openLog(t, gateway(t, url, 2, lease), caddysse.LogName("k"), 8)
 
+	if a.LeaseTerm() != lease {
+		t.Fatalf("LeaseTerm %v, want %v", a.LeaseTerm(), lease)
+	}
 	la := lead(t, a)
 	if lb, err := b.Lead(context.Background()); lb != nil || err != nil {
 		t.Fatalf("second Lead: %v, %v; want nil, nil", lb, err)
