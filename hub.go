@@ -84,10 +84,10 @@ type hub struct {
 	// fleetPrefix is that of the gateway ids of events from a store's
 	// log: a digest of the key, the same on every gateway (fleet.go).
 	fleetPrefix string
-	ready    chan struct{} // closed once the first header is in, or the first attempt ended without one
-	decided  atomic.Bool   // ready is closed
-	finished chan struct{} // closed when run returns: no upstream request is left
-	clientIP string        // the starter's, whose max_streams_per_client bounds the hub's linger
+	ready       chan struct{} // closed once the first header is in, or the first attempt ended without one
+	decided     atomic.Bool   // ready is closed
+	finished    chan struct{} // closed when run returns: no upstream request is left
+	clientIP    string        // the starter's, whose max_streams_per_client bounds the hub's linger
 
 	// Set before ready is closed, read after.
 	refusal  endReason     // hubFailed: what waiting clients are refused with
@@ -422,9 +422,9 @@ type hubWriter struct {
 	pending     []byte
 	endedCR     bool // the last chunk ended with CR: a leading LF is its CRLF's
 	events      int
-	perUser     bool   // a reconnect's response is marked as one user's
-	lease       Lease  // a fleet's: the events go to the store's log (fleet.go)
-	appendErr   error  // the log's, which ended the attempt
+	perUser     bool  // a reconnect's response is marked as one user's
+	lease       Lease // a fleet's: the events go to the store's log (fleet.go)
+	appendErr   error // the log's, which ended the attempt
 	relaying    atomic.Bool
 	eventIDs    uint32 // the state's id fields when the event being read began
 	// After a reconnect, events the upstream sends again exactly as the hub
