@@ -55,4 +55,33 @@ if [ -n "$added" ]; then
 	echo "$added"
 	exit 1
 fi
+
+# The same for the NATS store, a module of its own: built with the core
+# module, it brings in NATS's client and server libraries and what they
+# need, and nothing else.
+main_module "$work/store" github.com/ssegateway/caddy-sse github.com/ssegateway/caddy-sse/natsstore
+main_module "$work/nats" github.com/nats-io/nats-server/v2/server github.com/nats-io/nats.go/jetstream
+nats_server=$(cd "$repo/natsstore" && go list -m -f '{{.Version}}' github.com/nats-io/nats-server/v2)
+nats_client=$(cd "$repo/natsstore" && go list -m -f '{{.Version}}' github.com/nats-io/nats.go)
+(cd "$work/nats" && go mod edit -require="github.com/nats-io/nats-server/v2@$nats_server" \
+	-require="github.com/nats-io/nats.go@$nats_client" && go mod tidy >/dev/null &&
+	go list -m -f '{{.Path}}' all | sort -u) >"$work/nats.txt"
+cd "$work/store"
+go mod edit -require=github.com/ssegateway/caddy-sse@v0.0.0 -replace="github.com/ssegateway/caddy-sse=$repo" \
+	-require=github.com/ssegateway/caddy-sse/natsstore@v0.0.0 -replace="github.com/ssegateway/caddy-sse/natsstore=$repo/natsstore"
+go mod tidy >/dev/null
+go build -o caddy .
+./caddy list-modules | grep -qx 'http.handlers.sse.stores.nats' || { echo "http.handlers.sse.stores.nats not registered"; exit 1; }
+printf ':80 {\n\tsse {\n\t\tshare {path} {\n\t\t\tstore nats {\n\t\t\t\turl nats://127.0.0.1:4222\n\t\t\t\tlease 3s\n\t\t\t}\n\t\t}\n\t}\n\treverse_proxy 127.0.0.1:9\n}\n' >"$work/fleet.Caddyfile"
+./caddy adapt --config "$work/fleet.Caddyfile" | grep -q '"backend":"nats"' || { echo "a Caddyfile with store nats does not adapt"; exit 1; }
+go list -m -f '{{.Path}} {{.Version}}' all | sort >"$work/store.txt"
+store_added=$(comm -13 "$work/plugin.txt" "$work/store.txt" | grep -v '^github.com/ssegateway/caddy-sse/natsstore v0.0.0$' |
+	while read -r path version; do grep -qxF "$path" "$work/nats.txt" || echo "$path $version"; done)
+if [ -n "$store_added" ]; then
+	echo "the NATS store adds to a user's build, beyond the plugin and NATS's own modules:"
+	echo "$store_added"
+	exit 1
+fi
+echo "store plugin build: ok (http.handlers.sse.stores.nats listed, store nats adapts, adds only NATS's modules)"
+
 echo "plugin build: ok (caddy $caddy_version, go $go_ours <= $go_caddy, http.handlers.sse listed, Caddyfile.example adapts, adds only itself to the module graph)"
