@@ -99,9 +99,13 @@ func (hb *hub) fleet(log Log) (ended bool, err error) {
 	}
 	every := max(log.LeaseTerm()/leaseAsksPerTerm, 10*time.Millisecond)
 	for {
-		lease, err := log.Lead(hb.ctx)
-		if err != nil {
-			return false, err
+		var lease Lease
+		if hb.hasClients() {
+			// A hub that only lingers keeps following, but starts no
+			// upstream request: that is for a gateway with clients.
+			if lease, err = log.Lead(hb.ctx); err != nil {
+				return false, err
+			}
 		}
 		if lease != nil {
 			if ended, err := hb.lead(lease, failed); ended || err != nil {
@@ -150,18 +154,64 @@ func (hb *hub) lead(lease Lease, followingFailed <-chan struct{}) (ended bool, e
 	sseMetrics.leasesHeld.Inc()
 	defer sseMetrics.leasesHeld.Dec()
 	defer lease.Release()
-	hb.mu.Lock()
-	if id := lease.ResumeID(); id != "" {
-		hb.upstreamID = id
-	}
-	hb.leading = true
-	hb.mu.Unlock()
 	defer func() {
 		hb.mu.Lock()
 		hb.leading = false
 		hb.mu.Unlock()
 	}()
+	if err := hb.appendUnlogged(lease); err != nil {
+		if errors.Is(err, ErrLeaseLost) {
+			return false, nil
+		}
+		return false, err
+	}
 	return hb.upstream(lease, followingFailed)
+}
+
+// appendUnlogged starts a lead. A hub back from serving alone first appends
+// to the log what the upstream gave it meanwhile, for the gateways that
+// are behind it, and then asks the upstream from there; any other asks
+// from the last id in the log.
+func (hb *hub) appendUnlogged(lease Lease) error {
+	hb.mu.Lock()
+	defer hb.mu.Unlock() // held while appending: the events are in the ring already
+	hb.leading = true
+	unlogged := hb.unlogged
+	hb.unlogged = nil
+	if len(unlogged) == 0 {
+		if id := lease.ResumeID(); id != "" {
+			hb.upstreamID = id
+		}
+		return nil
+	}
+	for i, ev := range unlogged {
+		seq, err := lease.Append(hb.ctx, ev)
+		if err != nil {
+			return err
+		}
+		if i == 0 {
+			hb.ownFrom = seq
+		}
+		hb.ownTo = seq
+		sseMetrics.storePublished.Inc()
+	}
+	return nil
+}
+
+// keepUnloggedLocked keeps an event the upstream gave a fleet's hub that
+// serves alone: at most replay of them, like the log.
+func (hb *hub) keepUnloggedLocked(ev LogEvent) {
+	if n := max(*hb.handler().Share.Replay, 1); len(hb.unlogged) >= n {
+		hb.unlogged = append(hb.unlogged[:0], hb.unlogged[len(hb.unlogged)-n+1:]...)
+	}
+	hb.unlogged = append(hb.unlogged, ev)
+}
+
+// hasClients reports whether the hub has clients, rather than lingering.
+func (hb *hub) hasClients() bool {
+	hb.mu.RLock()
+	defer hb.mu.RUnlock()
+	return len(hb.subs) > 0
 }
 
 // appendFromLog adds an event of the log to the ring, with the log's
@@ -174,10 +224,15 @@ func (hb *hub) appendFromLog(ev LogEvent) {
 	}
 	hb.logSeq = ev.Seq
 	sseMetrics.storeConsumed.Inc()
+	if hb.ownFrom <= ev.Seq && ev.Seq <= hb.ownTo {
+		return // appended by this hub from its ring (appendUnlogged)
+	}
+	hb.unlogged = nil // another gateway leads: the log has what it needs
 	if hb.rejoined {
 		// Back from serving alone: what the upstream gave this gateway
-		// meanwhile, the log may give again.
-		if _, seen := hb.ring.find(ev.Data); seen && ev.HasID {
+		// meanwhile, the log may give again. An event is known by its
+		// id: the upstream's, or none (then it cannot be told apart).
+		if _, seen := hb.ring.after(ev.ID); seen && ev.HasID && ev.ID != "" {
 			return
 		}
 		hb.rejoined = false

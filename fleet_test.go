@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // fakeStore is a store with a log, in memory, shared by the handlers of a
@@ -57,13 +59,14 @@ func (s *fakeStore) OpenLog(_ context.Context, name string, limits LogLimits) (L
 	return &fakeLog{store: s, data: s.logs[name], limit: limits.Events}, nil
 }
 
-// expire ends name's lease as if its holder had died: another gateway may
-// take it, and the old holder's appends fail.
+// expire ends name's lease as if its holder had died: another gateway
+// takes it, the old holder's appends fail, and it never leads again.
 func (s *fakeStore) expire(name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if l := s.logs[name].holder; l != nil {
 		s.logs[name].holder = nil
+		l.log.dead = true
 		close(l.lost)
 	}
 }
@@ -72,6 +75,7 @@ type fakeLog struct {
 	store *fakeStore
 	data  *fakeLogData
 	limit int
+	dead  bool // its gateway is gone: it leads no more (expire)
 }
 
 func (l *fakeLog) Follow(ctx context.Context, after uint64, add func(LogEvent), caughtUp func()) error {
@@ -114,7 +118,7 @@ func (l *fakeLog) Lead(context.Context) (Lease, error) {
 	if s.down {
 		return nil, errFakeDown
 	}
-	if l.data.holder != nil {
+	if l.data.holder != nil || l.dead {
 		return nil, nil
 	}
 	lease := &fakeLease{log: l, lost: make(chan struct{})}
@@ -146,16 +150,16 @@ type fakeLease struct {
 	lost   chan struct{}
 }
 
-func (f *fakeLease) Append(_ context.Context, ev LogEvent) error {
+func (f *fakeLease) Append(_ context.Context, ev LogEvent) (uint64, error) {
 	s := f.log.store
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.down {
-		return errFakeDown
+		return 0, errFakeDown
 	}
 	d := f.log.data
 	if d.holder != f {
-		return ErrLeaseLost
+		return 0, ErrLeaseLost
 	}
 	d.seq++
 	ev.Seq = d.seq
@@ -164,7 +168,7 @@ func (f *fakeLease) Append(_ context.Context, ev LogEvent) error {
 		d.events = d.events[1:]
 	}
 	s.wakeLocked()
-	return nil
+	return d.seq, nil
 }
 
 func (f *fakeLease) SetHeader(_ context.Context, h LogHeader) error {
@@ -217,11 +221,48 @@ func (g gateway) client(t *testing.T, path string, header ...string) *client {
 	return startClient(t, g.h, g.up, path, header...)
 }
 
-// ask advances every gateway's clock a lease term, so that their hubs ask
-// for the lease and the header.
-func askAll(gws []gateway) {
-	for _, g := range gws {
-		g.clock.Advance(time.Second)
+// advanceUntilAsked moves every gateway's clock on, a little at a time
+// (their hubs ask the store for the lease on timers), until one of their
+// upstreams gets a request.
+func advanceUntilAsked(t *testing.T, gws []gateway) (*hubReq, int) {
+	t.Helper()
+	deadline := time.After(testWait)
+	for {
+		for i, g := range gws {
+			select {
+			case hr := <-g.up.reqs:
+				return hr, i
+			default:
+			}
+		}
+		select {
+		case <-deadline:
+			t.Fatal("no gateway asked its upstream")
+		case <-time.After(2 * time.Millisecond):
+			for _, g := range gws {
+				g.clock.Advance(100 * time.Millisecond)
+			}
+		}
+	}
+}
+
+// waitLive waits until the gateway's one hub is a live shared stream.
+func waitLive(t *testing.T, g gateway) {
+	t.Helper()
+	deadline := time.Now().Add(testWait)
+	for {
+		hb := onlyHub(t, g.h)
+		hb.mu.RLock()
+		live := hb.state == hubLive
+		hb.mu.RUnlock()
+		if live {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the hub did not go live")
+		}
+		g.clock.Advance(100 * time.Millisecond)
+		time.Sleep(2 * time.Millisecond)
 	}
 }
 
@@ -237,7 +278,7 @@ func TestFleetOneUpstreamTheSameIDsEverywhere(t *testing.T) {
 	a.waitBody(t, "one\n\n")
 	b := gws[1].client(t, "/news")
 	waitSubscribers(t, gws[1].h, 1)
-	askAll(gws[1:]) // b's hub finds the header of a's upstream
+	waitLive(t, gws[1]) // b's hub found the header of a's upstream
 	hr.send(t, "data: two\n\nid: own\ndata: three\n\n")
 	prefix := LogName(onlyHub(t, gws[0].h).key)[:12] + "-"
 	want := "id: " + prefix + "2\ndata: two\n\nid: own\ndata: three\n\n"
@@ -273,14 +314,13 @@ func TestFleetFailoverAsksFromTheLastID(t *testing.T) {
 	hr := gws[0].up.next(t)
 	b := gws[1].client(t, "/f")
 	waitSubscribers(t, gws[1].h, 1)
-	askAll(gws[1:])
+	waitLive(t, gws[1])
 	hr.send(t, "id: 1\ndata: one\n\n")
 	b.waitBody(t, "one\n\n")
 	// The leader is gone (its lease expired): b's gateway takes over and
 	// asks from the last id; the upstream sends 1 again, then 2.
 	store.expire(LogName(onlyHub(t, gws[1].h).key))
-	askAll(gws[1:])
-	hr2 := gws[1].up.next(t)
+	hr2, _ := advanceUntilAsked(t, gws[1:])
 	if got := hr2.r.Header.Get("Last-Event-ID"); got != "1" {
 		t.Errorf("new leader asked with Last-Event-ID %q, want 1", got)
 	}
@@ -309,37 +349,35 @@ func TestFleetStoreDownServesAloneThenRejoins(t *testing.T) {
 	store.setDown(true)
 	a := gws[0].client(t, "/d")
 	b := gws[1].client(t, "/d")
-	// No client is refused: each gateway asks on its own.
+	// No client is refused: each gateway asks on its own; a's upstream
+	// request gets further than b's.
 	hrA, hrB := gws[0].up.next(t), gws[1].up.next(t)
-	hrA.send(t, "id: 1\ndata: one\n\n")
+	hrA.send(t, "id: 1\ndata: one\n\nid: 2\ndata: two\n\n")
 	hrB.send(t, "id: 1\ndata: one\n\n")
-	a.waitBody(t, "one\n\n")
+	a.waitBody(t, "two\n\n")
 	b.waitBody(t, "one\n\n")
-	// Back: both rejoin, one of them leads, asking from the last id.
+	// Back: both rejoin and one of them leads. It appends what it got
+	// alone to the log, for the other, and asks from its own last id.
 	store.setDown(false)
-	for _, g := range gws {
-		g.clock.Advance(storeProbeEvery)
-	}
+	hr, leader := advanceUntilAsked(t, gws)
 	hrA.waitGone(t)
 	hrB.waitGone(t)
-	askAll(gws)
-	var hr *hubReq
-	select {
-	case hr = <-gws[0].up.reqs:
-	case hr = <-gws[1].up.reqs:
-	case <-time.After(testWait):
-		t.Fatal("no gateway leads after the store came back")
+	want := map[int]string{0: "2", 1: "1"}[leader]
+	if got := hr.r.Header.Get("Last-Event-ID"); got != want {
+		t.Errorf("gateway %d leads, asking with Last-Event-ID %q, want %q", leader, got, want)
 	}
-	if got := hr.r.Header.Get("Last-Event-ID"); got != "1" {
-		t.Errorf("the leader asked with Last-Event-ID %q, want 1", got)
+	if leader == 1 {
+		hr.send(t, "id: 2\ndata: two\n\n")
 	}
-	hr.send(t, "id: 1\ndata: one\n\nid: 2\ndata: two\n\n")
+	hr.send(t, "id: 3\ndata: three\n\n")
 	for _, cl := range []*client{a, b} {
-		if got := cl.waitBody(t, "two\n\n"); got != "id: 1\ndata: one\n\nid: 2\ndata: two\n\n" {
+		if got := cl.waitBody(t, "three\n\n"); got != "id: 1\ndata: one\n\nid: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
 			t.Errorf("client got %q", got)
 		}
 	}
-	askAll(gws)
+	for _, g := range gws {
+		g.clock.Advance(time.Second)
+	}
 	gws[0].up.none(t)
 	gws[1].up.none(t)
 	for _, cl := range []*client{a, b} {
@@ -347,4 +385,48 @@ func TestFleetStoreDownServesAloneThenRejoins(t *testing.T) {
 		cl.waitDone(t)
 	}
 	hr.waitGone(t)
+}
+
+func TestFleetLingeringGatewayStartsNoUpstream(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	store := newFakeStore()
+	gws := newFleet(t, store, 2, func() *ShareConfig { return &ShareConfig{Linger: caddy.Duration(10 * time.Second)} })
+	a := gws[0].client(t, "/l")
+	hr := gws[0].up.next(t)
+	b := gws[1].client(t, "/l")
+	waitSubscribers(t, gws[1].h, 1)
+	waitLive(t, gws[1])
+	hr.send(t, "id: 1\ndata: one\n\n")
+	b.waitBody(t, "one\n\n")
+	// Both clients leave; b's gateway lingers, a's releases its upstream
+	// (and the lease) first.
+	b.cancel()
+	b.waitDone(t)
+	a.cancel()
+	a.waitDone(t)
+	gws[0].clock.Advance(10 * time.Second)
+	hr.waitGone(t)
+	// Nobody has clients: b's lingering hub must not take the lease.
+	for range 20 {
+		gws[1].clock.Advance(100 * time.Millisecond)
+		time.Sleep(time.Millisecond)
+	}
+	gws[1].up.none(t)
+	gws[1].clock.Advance(10 * time.Second)
+	deadline := time.Now().Add(testWait)
+	for {
+		gws[1].h.hubs.mu.Lock()
+		n := len(gws[1].h.hubs.hubs)
+		gws[1].h.hubs.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the lingering hub was not released")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if store.leases != 1 {
+		t.Errorf("%d leases taken, want 1", store.leases)
+	}
 }

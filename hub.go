@@ -124,6 +124,11 @@ type hub struct {
 	logSeq   uint64
 	leading  bool
 	rejoined bool
+	// unlogged is what the upstream gave this gateway while it served
+	// alone, for the log if it leads when it rejoins; ownFrom and ownTo
+	// are the log's numbers of those it appended, already in the ring.
+	unlogged       []LogEvent
+	ownFrom, ownTo uint64
 }
 
 // newHub makes the hub for key, started by the request r. The hub's request
@@ -682,13 +687,17 @@ func (hw *hubWriter) event(chunk []byte, hasID bool) error {
 		hb.upstreamID = id
 	}
 	if hw.lease == nil {
-		hb.appendLocked(append([]byte(nil), chunk...), hasID, id)
+		data := append([]byte(nil), chunk...)
+		if hb.fleetPrefix != "" {
+			hb.keepUnloggedLocked(LogEvent{Data: data, HasID: hasID, ID: id})
+		}
+		hb.appendLocked(data, hasID, id)
 		hb.mu.Unlock()
 		return nil
 	}
 	hb.mu.Unlock()
 	ev := LogEvent{Data: append([]byte(nil), chunk...), HasID: hasID, ID: id}
-	if err := hw.lease.Append(hw.ctx, ev); err != nil {
+	if _, err := hw.lease.Append(hw.ctx, ev); err != nil {
 		hw.appendErr = err
 		return err
 	}

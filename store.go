@@ -80,8 +80,8 @@ type Lease interface {
 	// before, while the lease is held: it fails once another gateway
 	// could have appended (ErrLeaseLost), and then the holder must stop.
 	// A store may retry an append it is not sure of: the event is added
-	// once.
-	Append(ctx context.Context, ev LogEvent) error
+	// once. It returns the event's Seq.
+	Append(ctx context.Context, ev LogEvent) (uint64, error)
 
 	// SetHeader makes the upstream's response header the stream's, for the
 	// other gateways' clients.

@@ -427,15 +427,15 @@ func (ls *natsLease) update(ctx context.Context) error {
 // Append publishes the event, expecting the subject's last message to be
 // the one this holder saw last: if another gateway appended since, the
 // lease is lost. The message id makes a retried publish count once.
-func (ls *natsLease) Append(ctx context.Context, ev caddysse.LogEvent) error {
+func (ls *natsLease) Append(ctx context.Context, ev caddysse.LogEvent) (uint64, error) {
 	select {
 	case <-ls.lost:
-		return caddysse.ErrLeaseLost
+		return 0, caddysse.ErrLeaseLost
 	default:
 	}
 	l := ls.log
 	if err := l.conn.ready(); err != nil {
-		return err
+		return 0, err
 	}
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
@@ -470,15 +470,15 @@ func (ls *natsLease) Append(ctx context.Context, ev caddysse.LogEvent) error {
 		// last message is that first publish.
 		if seq, ok := ls.appended(ctx, id); ok {
 			ls.lastSeq = seq
-			return nil
+			return seq, nil
 		}
 		ls.markLost()
-		return caddysse.ErrLeaseLost
+		return 0, caddysse.ErrLeaseLost
 	case err != nil:
-		return fmt.Errorf("nats store: append: %w", err)
+		return 0, fmt.Errorf("nats store: append: %w", err)
 	}
 	ls.lastSeq = ack.Sequence
-	return nil
+	return ack.Sequence, nil
 }
 
 // appended tells whether the subject's last message is the one published

@@ -44,7 +44,7 @@ func event(id string) caddysse.LogEvent {
 
 func appendEvent(t *testing.T, ls caddysse.Lease, id string) {
 	t.Helper()
-	if err := ls.Append(context.Background(), event(id)); err != nil {
+	if _, err := ls.Append(context.Background(), event(id)); err != nil {
 		t.Fatalf("Append %s: %v", id, err)
 	}
 }
@@ -169,7 +169,7 @@ func TestAppendFollow(t *testing.T) {
 		appendEvent(t, lo, "other")
 	}
 	noID := caddysse.LogEvent{Data: []byte("data: no id\n\n"), ID: "4"}
-	if err := la.Append(context.Background(), noID); err != nil {
+	if _, err := la.Append(context.Background(), noID); err != nil {
 		t.Fatal(err)
 	}
 
@@ -259,11 +259,11 @@ func TestStaleHolder(t *testing.T) {
 		t.Fatalf("ResumeID %q, want 1", lb.ResumeID())
 	}
 	appendEvent(t, lb, "2")
-	if err := la.Append(context.Background(), event("stale")); !errors.Is(err, caddysse.ErrLeaseLost) {
+	if _, err := la.Append(context.Background(), event("stale")); !errors.Is(err, caddysse.ErrLeaseLost) {
 		t.Fatalf("stale Append: %v, want ErrLeaseLost", err)
 	}
 	waitFor(t, la.Lost(), 0, "Lost after a failed append")
-	if err := la.Append(context.Background(), event("again")); !errors.Is(err, caddysse.ErrLeaseLost) {
+	if _, err := la.Append(context.Background(), event("again")); !errors.Is(err, caddysse.ErrLeaseLost) {
 		t.Fatalf("Append once lost: %v, want ErrLeaseLost", err)
 	}
 	evs := follow(t, b, 0, 2)

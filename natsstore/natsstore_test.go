@@ -210,7 +210,7 @@ func TestUnreachableAfterOpen(t *testing.T) {
 
 	// The holder cannot renew: it knows the lease lost within Lease.
 	waitFor(t, ls.Lost(), time.Second+500*time.Millisecond, "Lost while NATS is down")
-	if err := ls.Append(context.Background(), event("x")); !errors.Is(err, caddysse.ErrLeaseLost) {
+	if _, err := ls.Append(context.Background(), event("x")); !errors.Is(err, caddysse.ErrLeaseLost) {
 		t.Fatalf("Append on a lost lease: %v", err)
 	}
 
