@@ -1190,13 +1190,15 @@ func fleetSameIDs(t *testing.T, bin string) {
 	waitMore(t, "on the restarted g2", all, 10)
 	stopFleetClients(t, all)
 
+	var lateResumed []string
 	for i, c := range late {
 		evs := c.snapshot().events
+		first := "none"
+		if len(evs) > 0 {
+			first = fmt.Sprintf("%q (id %q)", evs[0].data, evs[0].id)
+		}
+		lateResumed = append(lateResumed, fmt.Sprintf("after %d with %s", lateFrom[i], first))
 		if len(evs) == 0 || dataNumber(evs[0].data) != lateFrom[i]+1 {
-			first := "none"
-			if len(evs) > 0 {
-				first = fmt.Sprintf("%q (id %q)", evs[0].data, evs[0].id)
-			}
 			t.Errorf("%s resumed after %d with %s, want %d", c.name, lateFrom[i], first, lateFrom[i]+1)
 		}
 	}
@@ -1217,8 +1219,8 @@ func fleetSameIDs(t *testing.T, bin string) {
 			}
 		}
 	}
-	figure(t, rec, "3 gateways, 7 clients per variant: each moved to the next gateway, then g2 restarted (POST /stop to exit %s; ready again %s after the stop was sent) and every client moved to it; %d events from g2 after its restart; a new client on g2 with a Last-Event-ID 50 events old resumed at the next event",
-		ms(exited.Sub(sent)), ms(restarted.Sub(sent)), afterRestart)
+	figure(t, rec, "3 gateways, 7 clients per variant: each moved to the next gateway, then g2 restarted (POST /stop to exit %s; ready again %s after the stop was sent) and every client moved to it; %d events from g2 after its restart; new clients on g2 with a Last-Event-ID 50 events old resumed %s",
+		ms(exited.Sub(sent)), ms(restarted.Sub(sent)), afterRestart, strings.Join(lateResumed, " and "))
 	for _, v := range fleetVariants {
 		figure(t, rec, "%s", fleetSummary(t, v, byVariant[v], fleetRules{gaps: true, ids: true, agreement: true}))
 	}
@@ -1413,23 +1415,33 @@ func fleetNATSRestart(t *testing.T, bin string) {
 	for i, c := range all {
 		base[i] = c.eventCount()
 	}
-	// New clients during the outage, one per gateway and variant.
-	var newcomers []*fleetClient
-	for _, g := range f.gws {
-		for _, v := range fleetVariants {
-			c := startFleetClient(t, f.client, g.name+"/"+v+"/outage", f.path(v), g, "")
-			newcomers = append(newcomers, c)
-			byVariant[v] = append(byVariant[v], c)
-		}
-	}
-	all = append(all, newcomers...)
-	base = append(base, make([]int, len(newcomers))...)
+	// New clients during the outage, one per gateway and variant at once,
+	// and as many again once the lease has run out.
 	maxOpen := make(map[string]int)
-	waitUntil(t, fmt.Sprintf("%s of outage, with 10 events at every client during it", fleetOutage), fleetOutage+fleetWait, func() bool {
+	sample := func() {
 		for _, v := range fleetVariants {
 			open, _, _ := f.up.counts(f.path(v))
 			maxOpen[v] = max(maxOpen[v], open)
 		}
+	}
+	var newcomers []*fleetClient
+	for batch, at := range []time.Duration{0, fleetLease + fleetLease/2} {
+		waitUntil(t, fmt.Sprintf("%s of outage", at), at+time.Second, func() bool {
+			sample()
+			return time.Since(stopped) >= at
+		})
+		for _, g := range f.gws {
+			for _, v := range fleetVariants {
+				c := startFleetClient(t, f.client, fmt.Sprintf("%s/%s/outage%d", g.name, v, batch+1), f.path(v), g, "")
+				newcomers = append(newcomers, c)
+				byVariant[v] = append(byVariant[v], c)
+			}
+		}
+	}
+	all = append(all, newcomers...)
+	base = append(base, make([]int, len(newcomers))...)
+	waitUntil(t, fmt.Sprintf("%s of outage, with 10 events at every client during it", fleetOutage), fleetOutage+fleetWait, func() bool {
+		sample()
 		if time.Since(stopped) < fleetOutage {
 			return false
 		}
@@ -1456,19 +1468,25 @@ func fleetNATSRestart(t *testing.T, bin string) {
 	waitMore(t, "after NATS is back", all, 20)
 	stopFleetClients(t, all)
 
-	// The longest silence of each client over the outage and the return.
+	// The longest silence of each client over the outage and the return:
+	// clients keep getting events, within a failover's time.
 	var silences []time.Duration
 	for _, c := range all {
 		var longest time.Duration
+		var from, to fleetEvent
 		evs := c.snapshot().events
 		for i := 1; i < len(evs); i++ {
-			if evs[i].at.After(stopped) {
-				longest = max(longest, evs[i].at.Sub(evs[i-1].at))
+			if d := evs[i].at.Sub(evs[i-1].at); evs[i].at.After(stopped) && d > longest {
+				longest, from, to = d, evs[i-1], evs[i]
 			}
 		}
 		silences = append(silences, longest)
+		if longest > fleetFailover {
+			t.Errorf("%s got no event for %s (from %q at %s from %s to %q at %s from %s), want at most %s",
+				c.name, ms(longest), from.data, from.at.Format("15:04:05.000"), from.gw, to.data, to.at.Format("15:04:05.000"), to.gw, fleetFailover)
+		}
 	}
-	figure(t, rec, "3 gateways, 9 clients per variant and 1 more per gateway and variant during the outage; NATS down %s; events per client during the outage %s; %s; the clients' longest silence from the stop on p50 %s, max %s",
+	figure(t, rec, "3 gateways, 9 clients per variant and 2 more per gateway and variant during the outage (at once and after 1.5 leases); NATS down %s; events per client during the outage %s; %s; the clients' longest silence from the stop on p50 %s, max %s",
 		ms(restarted.Sub(stopped)), intSpread(outageEvents), strings.Join(settled, "; "), ms(percentile(silences, 50)), ms(percentile(silences, 100)))
 	// While NATS is down each gateway assigns ids of its own: the ids'
 	// agreement across gateways, and an id-less upstream's gaps, are
