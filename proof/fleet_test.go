@@ -403,6 +403,16 @@ func newFleetGateway(t *testing.T, bin, name, natsURL, upstream string) *fleetGa
 	g.url = "http://127.0.0.1:" + strconv.Itoa(g.httpPort)
 	t.Cleanup(func() {
 		g.kill(t)
+		// FLEET_KEEP_LOGS=<dir> keeps every gateway's logs, whole, for a
+		// look after the run.
+		if keep := os.Getenv("FLEET_KEEP_LOGS"); keep != "" {
+			dst := filepath.Join(keep, strings.ReplaceAll(t.Name(), "/", "_")+"-"+g.name)
+			_ = os.MkdirAll(dst, 0o755)
+			_ = os.WriteFile(filepath.Join(dst, "caddy.log"), []byte(g.output.String()), 0o644)
+			if b, err := os.ReadFile(filepath.Join(g.dir, "sse.log")); err == nil {
+				_ = os.WriteFile(filepath.Join(dst, "sse.log"), b, 0o644)
+			}
+		}
 		if t.Failed() {
 			t.Logf("%s: caddy output (tail):\n%s", g.name, lastBytes(g.output.String(), 6000))
 			t.Logf("%s: sse log (tail):\n%s", g.name, tail(filepath.Join(g.dir, "sse.log"), 8000))
@@ -1487,6 +1497,12 @@ func fleetNATSRestart(t *testing.T, bin string) {
 		if longest > fleetFailover {
 			t.Errorf("%s got no event for %s (from %q at %s from %s to %q at %s from %s), want at most %s",
 				c.name, ms(longest), from.data, from.at.Format("15:04:05.000"), from.gw, to.data, to.at.Format("15:04:05.000"), to.gw, fleetFailover)
+		}
+	}
+	if t.Failed() {
+		for _, v := range fleetVariants {
+			t.Logf("%s: NATS stopped %s, started again %s; the upstream's requests:%s", v,
+				stopped.Format("15:04:05.000"), restarted.Format("15:04:05.000"), f.up.describe(f.path(v)))
 		}
 	}
 	figure(t, rec, "3 gateways, 9 clients per variant and 2 more per gateway and variant during the outage (at once and after 1.5 leases); NATS down %s; events per client during the outage %s; %s; the clients' longest silence from the stop on p50 %s, max %s",
