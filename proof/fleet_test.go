@@ -1189,10 +1189,11 @@ func fleetSameIDs(t *testing.T, bin string) {
 	var late []*fleetClient
 	var lateFrom []int
 	for _, v := range fleetVariants {
-		evs := byVariant[v][0].snapshot().events
-		if len(evs) < 60 {
-			t.Fatalf("%s has only %d events", byVariant[v][0].name, len(evs))
-		}
+		var evs []fleetEvent
+		waitUntil(t, byVariant[v][0].name+" with 60 events", fleetWait, func() bool {
+			evs = byVariant[v][0].snapshot().events
+			return len(evs) >= 60
+		})
 		from := evs[len(evs)-50]
 		c := startFleetClient(t, f.client, "g2/"+v+"/late", f.path(v), g2, from.id)
 		late = append(late, c)
