@@ -927,9 +927,11 @@ func fleetSeq(ev fleetEvent, variant string) (dn int, prefix string, seq int, ok
 }
 
 // fleetBreaks is what is wrong in a client's events: their data must
-// count up by one (gaps, dups), their ids must be well formed and count
-// up (idBack: an id that does not grow; prefixes: a change of the gateway
-// ids' prefix; seqGaps: gateway ids that skip numbers, figures only).
+// count up by one (dups: events whose n the client had got already, each
+// counted; gaps: jumps past the newest n it had), their ids must be well
+// formed and count up (idBack: an id that does not grow; prefixes: a
+// change of the gateway ids' prefix; seqGaps: gateway ids that skip
+// numbers, figures only).
 type fleetBreaks struct {
 	gaps, dups, malformed, idBack, prefixes, seqGaps int
 	firstGap, firstDup, firstID                      string
@@ -942,8 +944,19 @@ func checkFleetEvents(events []fleetEvent, variant string) fleetBreaks {
 			*s = fmt.Sprintf(format, args...)
 		}
 	}
+	newest := -1 // the newest n the client had
 	for i, ev := range events {
 		dn, prefix, seq, ok := fleetSeq(ev, variant)
+		if dn >= 0 && newest >= 0 && dn <= newest {
+			b.dups++
+			note(&b.firstDup, "event %d (id %q, %q from %s at %s) after (id %q, %q from %s at %s): a duplicate (had up to %d)", i+1,
+				ev.id, ev.data, ev.gw, ev.at.Format("15:04:05.000"), events[i-1].id, events[i-1].data, events[i-1].gw, events[i-1].at.Format("15:04:05.000"), newest)
+		} else if dn >= 0 && newest >= 0 && dn != newest+1 {
+			b.gaps++
+			note(&b.firstGap, "event %d (id %q, %q from %s at %s) after (id %q, %q from %s at %s): a gap of %d", i+1,
+				ev.id, ev.data, ev.gw, ev.at.Format("15:04:05.000"), events[i-1].id, events[i-1].data, events[i-1].gw, events[i-1].at.Format("15:04:05.000"), dn-newest-1)
+		}
+		newest = max(newest, dn)
 		if !ok {
 			b.malformed++
 			note(&b.firstID, "event %d from %s (id %q, own id: %v, data %q) is not of the expected form", i+1, ev.gw, ev.id, ev.hasID, ev.data)
@@ -953,20 +966,12 @@ func checkFleetEvents(events []fleetEvent, variant string) fleetBreaks {
 			continue
 		}
 		prev := events[i-1]
-		pdn, pprefix, pseq, pok := fleetSeq(prev, variant)
+		_, pprefix, pseq, pok := fleetSeq(prev, variant)
 		if !pok {
 			continue
 		}
 		desc := fmt.Sprintf("event %d (id %q, %q from %s at %s) after (id %q, %q from %s at %s)", i+1,
 			ev.id, ev.data, ev.gw, ev.at.Format("15:04:05.000"), prev.id, prev.data, prev.gw, prev.at.Format("15:04:05.000"))
-		switch {
-		case dn <= pdn:
-			b.dups++
-			note(&b.firstDup, "%s: a duplicate", desc)
-		case dn != pdn+1:
-			b.gaps++
-			note(&b.firstGap, "%s: a gap of %d", desc, dn-pdn-1)
-		}
 		switch {
 		case prefix != pprefix:
 			b.prefixes++
