@@ -933,8 +933,8 @@ func fleetSeq(ev fleetEvent, variant string) (dn int, prefix string, seq int, ok
 // change of the gateway ids' prefix; seqGaps: gateway ids that skip
 // numbers, figures only).
 type fleetBreaks struct {
-	gaps, dups, malformed, idBack, prefixes, seqGaps int
-	firstGap, firstDup, firstID                      string
+	gaps, dups, late, malformed, idBack, prefixes, seqGaps int
+	firstGap, firstDup, firstLate, firstID                 string
 }
 
 func checkFleetEvents(events []fleetEvent, variant string) fleetBreaks {
@@ -945,18 +945,26 @@ func checkFleetEvents(events []fleetEvent, variant string) fleetBreaks {
 		}
 	}
 	newest := -1 // the newest n the client had
+	had := make(map[int]bool)
 	for i, ev := range events {
 		dn, prefix, seq, ok := fleetSeq(ev, variant)
 		if dn >= 0 && newest >= 0 && dn <= newest {
-			b.dups++
-			note(&b.firstDup, "event %d (id %q, %q from %s at %s) after (id %q, %q from %s at %s): a duplicate (had up to %d)", i+1,
-				ev.id, ev.data, ev.gw, ev.at.Format("15:04:05.000"), events[i-1].id, events[i-1].data, events[i-1].gw, events[i-1].at.Format("15:04:05.000"), newest)
+			if had[dn] {
+				b.dups++
+				note(&b.firstDup, "event %d (id %q, %q from %s at %s) after (id %q, %q from %s at %s): a duplicate", i+1,
+					ev.id, ev.data, ev.gw, ev.at.Format("15:04:05.000"), events[i-1].id, events[i-1].data, events[i-1].gw, events[i-1].at.Format("15:04:05.000"))
+			} else {
+				b.late++
+				note(&b.firstLate, "event %d (id %q, %q from %s at %s) after (id %q, %q from %s at %s): out of order, after newer ones", i+1,
+					ev.id, ev.data, ev.gw, ev.at.Format("15:04:05.000"), events[i-1].id, events[i-1].data, events[i-1].gw, events[i-1].at.Format("15:04:05.000"))
+			}
 		} else if dn >= 0 && newest >= 0 && dn != newest+1 {
 			b.gaps++
 			note(&b.firstGap, "event %d (id %q, %q from %s at %s) after (id %q, %q from %s at %s): a gap of %d", i+1,
 				ev.id, ev.data, ev.gw, ev.at.Format("15:04:05.000"), events[i-1].id, events[i-1].data, events[i-1].gw, events[i-1].at.Format("15:04:05.000"), dn-newest-1)
 		}
 		newest = max(newest, dn)
+		had[dn] = true
 		if !ok {
 			b.malformed++
 			note(&b.firstID, "event %d from %s (id %q, own id: %v, data %q) is not of the expected form", i+1, ev.gw, ev.id, ev.hasID, ev.data)
@@ -1036,7 +1044,7 @@ type fleetRules struct {
 // fleetSummary checks the variant's clients and returns the figures.
 func fleetSummary(t *testing.T, variant string, clients []*fleetClient, rules fleetRules) string {
 	t.Helper()
-	var gaps, dups, malformed, idBreaks, seqGaps, misses, refusals, closes int
+	var gaps, dups, late, malformed, idBreaks, seqGaps, misses, refusals, closes int
 	var conns, events []int
 	for _, c := range clients {
 		s := c.snapshot()
@@ -1048,8 +1056,12 @@ func fleetSummary(t *testing.T, variant string, clients []*fleetClient, rules fl
 		malformed += b.malformed
 		idBreaks += b.idBack + b.prefixes
 		seqGaps += b.seqGaps
+		late += b.late
 		if b.dups > 0 {
 			t.Errorf("%s: %d duplicates, first: %s", c.name, b.dups, b.firstDup)
+		}
+		if b.late > 0 {
+			t.Errorf("%s: %d events out of order, first: %s", c.name, b.late, b.firstLate)
 		}
 		if rules.gaps && b.gaps > 0 {
 			t.Errorf("%s: %d gaps, first: %s", c.name, b.gaps, b.firstGap)
@@ -1090,8 +1102,8 @@ func fleetSummary(t *testing.T, variant string, clients []*fleetClient, rules fl
 	if rules.agreement && len(conflicts) > 0 {
 		t.Errorf("%s: %d data got different ids on different gateways; first: %s", variant, len(conflicts), conflicts[0])
 	}
-	return fmt.Sprintf("%s: %d clients, %d gaps, %d duplicates, %d malformed ids, %d id breaks, %d `X-SSE-Replay: miss`, %d refusals, %d close sequences, %d id disagreements over %d events seen on several gateways, gateway-id steps >1: %d; responses per client %s; events per client %s",
-		variant, len(clients), gaps, dups, malformed, idBreaks, misses, refusals, closes, len(conflicts), shared, seqGaps, intSpread(conns), intSpread(events))
+	return fmt.Sprintf("%s: %d clients, %d gaps, %d duplicates, %d out of order, %d malformed ids, %d id breaks, %d `X-SSE-Replay: miss`, %d refusals, %d close sequences, %d id disagreements over %d events seen on several gateways, gateway-id steps >1: %d; responses per client %s; events per client %s",
+		variant, len(clients), gaps, dups, late, malformed, idBreaks, misses, refusals, closes, len(conflicts), shared, seqGaps, intSpread(conns), intSpread(events))
 }
 
 // --- the cases ---
