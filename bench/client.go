@@ -244,6 +244,12 @@ func openStreams(ctx context.Context, d *dialers, addr string, n, parallel int, 
 // openStreamsReady is openStreams; ready says whether each stream waits for
 // the upstream's ready event (see openStreamReady).
 func openStreamsReady(ctx context.Context, d *dialers, addr string, n, parallel int, pathFor func(int) string, window *sampleWindow, ready bool) *streamSet {
+	return openStreamsAt(ctx, d, func(int) string { return addr }, n, parallel, pathFor, window, ready)
+}
+
+// openStreamsAt is openStreamsReady with addrFor(i) as the address of the
+// i-th stream (a fleet's gateways in turn).
+func openStreamsAt(ctx context.Context, d *dialers, addrFor func(int) string, n, parallel int, pathFor func(int) string, window *sampleWindow, ready bool) *streamSet {
 	set := &streamSet{streams: make([]*stream, n)}
 	var mu sync.Mutex
 	sem := make(chan struct{}, parallel)
@@ -259,7 +265,7 @@ func openStreamsReady(ctx context.Context, d *dialers, addr string, n, parallel 
 			// A refused connection under a burst of connects is retried a
 			// couple of times; anything else is reported.
 			for attempt := 0; attempt < 3; attempt++ {
-				s, err = openStreamReady(ctx, d, addr, pathFor(i), 15*time.Second, ready)
+				s, err = openStreamReady(ctx, d, addrFor(i), pathFor(i), 15*time.Second, ready)
 				if err == nil || ctx.Err() != nil {
 					break
 				}

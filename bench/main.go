@@ -33,6 +33,14 @@ import (
 
 func main() {
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
+	if len(os.Args) > 1 && os.Args[1] == natsServerCommand {
+		// The fleet target's NATS server, started by the harness (nats.go).
+		if err := runNATSServer(os.Args[2:]); err != nil {
+			log.Print("bench nats-server: ", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(); err != nil {
 		log.Print("bench: ", err)
 		os.Exit(1)
@@ -45,6 +53,7 @@ func run() error {
 		out      = flag.String("out", "", "directory for benchmarks.md and the plots (none written when empty)")
 		root     = flag.String("root", "..", "the caddy-sse repository, whose ./cmd/caddy is built")
 		caddyBin = flag.String("caddy", "", "use this Caddy binary (with the sse module) instead of building one")
+		fleetBin = flag.String("fleet-caddy", "", "use this Caddy binary (with the sse module and natsstore) for the fleet's gateways instead of building ../natsstore/cmd/caddy")
 		targets  = flag.String("targets", strings.Join([]string{targetDirect, targetCaddy, targetSSE, targetNginx}, ","), "targets to measure, comma-separated")
 		scale    = flag.String("scale", "", "stream counts for the scale scenario, comma-separated (default 1000,5000,8000; smoke 50)")
 		note     = flag.String("note", "", "a sentence about the machine's state during the run, for the report (for example that it was shared)")
@@ -85,8 +94,8 @@ func run() error {
 		cfg.scaleCounts = nil
 	}
 	for _, t := range cfg.targets {
-		if targetDescriptions[t] == "" || t == targetShare || t == targetNchan {
-			return fmt.Errorf("unknown target %q (caddy+sse+share and nchan are for -fanout-targets)", t)
+		if targetDescriptions[t] == "" || t == targetShare || t == targetNchan || t == targetFleet {
+			return fmt.Errorf("unknown target %q (%s, %s and %s are for -fanout-targets)", t, targetShare, targetFleet, targetNchan)
 		}
 	}
 	if *fanN != "" {
@@ -136,10 +145,18 @@ func run() error {
 			cfg.scaleCounts[i] = maxStreams
 		}
 	}
+	// The fan-out counts are every fan-out target's, so the tightest bound
+	// applies: a proxy's (two descriptors per subscriber in the harness)
+	// when one is measured, else one per subscriber (share, the fleet,
+	// the floor, Nchan).
+	maxFanout := fleetCap(limit)
+	if slicesContains(cfg.fanoutTargets, targetCaddy) || slicesContains(cfg.fanoutTargets, targetNginx) {
+		maxFanout = maxStreams
+	}
 	for i, n := range cfg.fanoutCounts {
-		if n > maxStreams {
-			log.Printf("fanout: %d subscribers do not fit the open-files limit of %d; measuring %d", n, limit, maxStreams)
-			cfg.fanoutCounts[i] = maxStreams
+		if n > maxFanout {
+			log.Printf("fanout: %d subscribers do not fit the open-files limit of %d; measuring %d", n, limit, maxFanout)
+			cfg.fanoutCounts[i] = maxFanout
 			cfg.fanoutCapped = true
 		}
 	}
@@ -163,6 +180,18 @@ func run() error {
 			if err := goBuild(ctx, *root, "./cmd/caddy", l.caddyBin); err != nil {
 				return err
 			}
+		}
+	}
+	if slicesContains(all, targetFleet) {
+		l.fleetBin = *fleetBin
+		if l.fleetBin == "" {
+			l.fleetBin = filepath.Join(scratch, "caddy-natsstore")
+			if err := goBuild(ctx, *root, "./natsstore/cmd/caddy", l.fleetBin); err != nil {
+				return err
+			}
+		}
+		if l.selfBin, err = os.Executable(); err != nil {
+			return err
 		}
 	}
 	if slicesContains(all, targetFloor) {

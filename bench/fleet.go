@@ -1,0 +1,199 @@
+//go:build linux
+
+package main
+
+import (
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+)
+
+// The fleet target (issue 18): fleetSize Caddy gateways, each its own
+// process of the binary built from natsstore/cmd/caddy, whose share keeps its
+// events in one NATS server with JetStream. The gateway that holds a key's
+// lease runs the one upstream request and appends each event to JetStream;
+// every gateway with subscribers on the key reads the events and writes them
+// to its own. The fan-out scenario runs it beside caddy+sse+share (one
+// gateway, the memory store) with the same subscribers, spread evenly over
+// the gateways (subscriber i on gateway i mod fleetSize), and the same
+// upstream.
+
+const (
+	// fleetSize is the number of gateways in the fleet.
+	fleetSize = 3
+	// fleetLease is the natsstore lease of a key's upstream request.
+	fleetLease = 3 * time.Second
+)
+
+// startFleet starts a fleet's NATS server, then its gateways, all fresh.
+func (l *launcher) startFleet() (*gateway, error) {
+	nats, err := l.launch(natsProcess, "")
+	if err != nil {
+		return nil, err
+	}
+	url := "nats://" + nats.addr
+	f := &gateway{name: targetFleet, nats: nats, members: make([]*gateway, fleetSize)}
+	errs := make([]error, fleetSize)
+	var wg sync.WaitGroup
+	for i := range fleetSize {
+		wg.Go(func() { f.members[i], errs[i] = l.launch(fleetMember, url) })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			for _, m := range f.members {
+				l.stop(m)
+			}
+			l.stop(nats)
+			return nil, fmt.Errorf("fleet gateway %d of %d: %w", i+1, fleetSize, err)
+		}
+	}
+	for _, m := range f.members {
+		f.addrs = append(f.addrs, m.addr)
+	}
+	f.addr = f.addrs[0]
+	return f, nil
+}
+
+// addrFor returns the address the i-th client connects to: a fleet's
+// gateways in turn, any other target's one address.
+func (g *gateway) addrFor() func(int) string {
+	if len(g.addrs) == 0 {
+		return func(int) string { return g.addr }
+	}
+	return func(i int) string { return g.addrs[i%len(g.addrs)] }
+}
+
+// hasAdmin says whether the target's Go memory can be read (goMemory).
+func (g *gateway) hasAdmin() bool { return g.admin != "" || g.members != nil }
+
+// fleetCap is the most subscribers the fleet can hold under the open-files
+// limit, which every process has of its own: each gateway holds one
+// descriptor per subscriber of its share (a third), so the bound is the
+// harness, which holds one per subscriber (its client side).
+func fleetCap(limit uint64) int { return int(limit) - 256 }
+
+// perGateway says how the fleet's subscribers were spread: "334+333+333".
+func perGateway(opened []int) string {
+	s := make([]string, len(opened))
+	for i, n := range opened {
+		s[i] = fmt.Sprint(n)
+	}
+	return strings.Join(s, "+")
+}
+
+// fleetRows are issue 18's claims against this run: one upstream request per
+// key, for one gateway and for the fleet alike.
+func fleetRows(res *results, add func(bool, string, string)) {
+	cfg := res.cfg
+	if len(res.fanout) == 0 || !slicesContains(cfg.fanoutTargets, targetFleet) {
+		return
+	}
+	var parts []string
+	met, counted := true, false
+	for _, n := range cfg.fanoutCounts {
+		f := res.fanoutFor(targetFleet, n)
+		if f == nil || f.opened == 0 {
+			continue
+		}
+		counted = true
+		met = met && f.made == 1 && f.upstream == 1
+		cell := fmt.Sprintf("%s: fleet %d", subscribers(f.opened), f.made)
+		if s := res.fanoutFor(targetShare, n); s != nil && s.opened > 0 {
+			met = met && s.made == 1 && s.upstream == 1
+			cell += fmt.Sprintf(", share %d", s.made)
+		}
+		parts = append(parts, cell)
+	}
+	if counted {
+		add(met, fmt.Sprintf("fan-out through a fleet of %d gateways sharing a NATS JetStream store: exactly 1 upstream request per key for the whole fleet, as for one gateway with the memory store (requests the upstream received from the first subscriber to the last)", fleetSize),
+			strings.Join(parts, "; "))
+	}
+}
+
+// fleetSection writes the report's fleet subsection, after the fan-out table.
+func fleetSection(w func(string, ...any), res *results) {
+	cfg := res.cfg
+	if len(res.fanout) == 0 || !slicesContains(cfg.fanoutTargets, targetFleet) {
+		return
+	}
+	w("### Through a fleet of %d gateways (issue 18)\n\n", fleetSize)
+	w("The same scenario, with **%s** (one gateway, share's memory store) beside **%s**: %d Caddy\n", targetShare, targetFleet, fleetSize)
+	w("processes built from `natsstore/cmd/caddy`, each with `share {path} { store nats { url … lease %s } }`, and\n", fleetLease)
+	w("one NATS server with JetStream (nats-server %s, linked into the harness from its Go module and run in a\n", natsVersion)
+	w("child process of it, started fresh with an empty store for each count and round). Subscriber *i* connects to\n")
+	w("gateway *i* mod %d, so they are spread evenly; the upstream is the same one. One gateway holds the key's lease\n", fleetSize)
+	w("and runs the upstream request, appending each event to JetStream; every gateway with subscribers reads the\n")
+	w("events back and writes them to its own, so the fleet's latency includes the JetStream hop. Latency is, as\n")
+	w("above, the upstream's send stamp to the client's receipt. *Added by the JetStream hop* is the fleet's\n")
+	w("quantile minus the memory store's at the same count; the two are separate processes and runs, so the\n")
+	w("difference carries their round-to-round spread too. *Upstream requests* is how many `/broadcast` requests the\n")
+	w("upstream received from the target from the first subscriber's connect to the last one's close (it must be 1\n")
+	w("for both: one per key for the whole fleet). The fleet's *RSS* is the sum of its %d gateways' (VmRSS, as for\n", fleetSize)
+	w("every target), and *RSS/subscriber* is that sum's growth ÷ subscribers; the NATS server's memory is **not** in\n")
+	w("it and is given apart (its RSS when idle and at the window's end), as is its CPU during the window.\n\n")
+	w("| subscribers | target | per gateway | upstream requests | deliveries | p50 | p99 | p50 added by the JetStream hop | p99 added by the JetStream hop | RSS idle | RSS with subscribers | RSS/subscriber | Go heap+stack/subscriber | CPU %% | NATS server RSS | NATS server CPU %% |\n")
+	w("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, n := range cfg.fanoutCounts {
+		mem := res.fanoutFor(targetShare, n)
+		for _, t := range []string{targetShare, targetFleet} {
+			f := res.fanoutFor(t, n)
+			if f == nil || !slicesContains(cfg.fanoutTargets, t) {
+				continue
+			}
+			spread, hop50, hop99, nats, natsCPU := "—", "—", "—", "—", "—"
+			if t == targetFleet {
+				spread = perGateway(f.perGateway)
+				if mem != nil && len(mem.samples) > 0 && len(f.samples) > 0 {
+					hop50 = signedLat(quantile(f.samples, 0.5) - quantile(mem.samples, 0.5))
+					hop99 = signedLat(quantile(f.samples, 0.99) - quantile(mem.samples, 0.99))
+				}
+				nats = fmt.Sprintf("%.1f → %.1f MiB", mib(f.natsBase), mib(f.natsLoad))
+				natsCPU = fmt.Sprintf("%.1f", f.natsCPU)
+			}
+			goCell := "—"
+			if f.goRounds > 0 {
+				goCell = fmt.Sprintf("%.2f KiB", kib(f.goPerSub/float64(f.goRounds)))
+			}
+			w("| %d | %s | %s | %d | %d of %d | %s | %s | %s | %s | %.1f MiB | %.1f MiB | %.2f KiB | %s | %.1f | %s | %s |\n",
+				f.opened, t, spread, f.made, len(f.samples), f.expected, lat(quantile(f.samples, 0.5)), lat(quantile(f.samples, 0.99)),
+				hop50, hop99, mib(f.rssBase), mib(f.rssLoad), kib(f.perSubscriberRSS()), goCell, f.cpu, nats, natsCPU)
+		}
+	}
+	w("\n")
+}
+
+// fleetAnalysis is the fleet's paragraph of the computed analysis.
+func fleetAnalysis(w func(string, ...any), res *results) {
+	largest := res.fanoutLargest()
+	f := res.fanoutFor(targetFleet, largest)
+	if f == nil || len(f.samples) == 0 {
+		return
+	}
+	w("**Fleet.** With %s spread over %d gateways (%s) sharing one NATS JetStream store, the upstream received %d request%s",
+		subscribers(f.opened), fleetSize, perGateway(f.perGateway), f.made, plural(int(f.made)))
+	s := res.fanoutFor(targetShare, largest)
+	if s != nil {
+		w(" (one gateway with the memory store: %d)", s.made)
+	}
+	w(". Send to receipt through the fleet: p50 %s, p99 %s", lat(quantile(f.samples, 0.5)), lat(quantile(f.samples, 0.99)))
+	if s != nil && len(s.samples) > 0 {
+		w(", against %s and %s with the memory store: the JetStream hop added %s at p50 and %s at p99",
+			lat(quantile(s.samples, 0.5)), lat(quantile(s.samples, 0.99)),
+			signedLat(quantile(f.samples, 0.5)-quantile(s.samples, 0.5)), signedLat(quantile(f.samples, 0.99)-quantile(s.samples, 0.99)))
+	}
+	w(". RSS per subscriber, summed over the gateways: %.2f KiB", kib(f.perSubscriberRSS()))
+	if s != nil && s.opened > 0 {
+		w(" (memory store, one gateway: %.2f KiB)", kib(s.perSubscriberRSS()))
+	}
+	w("; the NATS server, counted apart, went from %.1f MiB idle to %.1f MiB.\n\n", mib(f.natsBase), mib(f.natsLoad))
+}
+
+// signedLat is a latency difference, with its sign.
+func signedLat(ns int64) string {
+	if ns < 0 {
+		return "−" + lat(-ns)
+	}
+	return "+" + lat(ns)
+}
