@@ -49,7 +49,7 @@ type fanoutResult struct {
 	// a window with every subscriber open.
 	upstream int64
 	// made is the most /broadcast requests the upstream received in one
-	// round, from the first subscriber's connect to the last one's close.
+	// round, from the first subscriber's connect until they leave.
 	made             int64
 	rssBase, rssLoad int64 // summed over rounds; divide by rounds
 	// For the fleet: the subscribers each gateway held (in the last round),
@@ -257,8 +257,10 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	// Events sent near the window's end may still be on their way.
 	time.Sleep(b.cfg.fanoutDeliver)
 	r.early = set.endedEarly()
-	set.closeAll()
+	// Before the subscribers leave: as a fleet's gateways lose theirs one
+	// by one, another may rightly take the lease from one left with none.
 	r.made = b.up.broadcastMade.Load() - made0
+	set.closeAll()
 	b.launcher.stop(g)
 	b.drain(what)
 

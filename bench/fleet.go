@@ -107,7 +107,7 @@ func fleetRows(res *results, add func(bool, string, string)) {
 		parts = append(parts, cell)
 	}
 	if counted {
-		add(met, fmt.Sprintf("fan-out through a fleet of %d gateways sharing a NATS JetStream store: exactly 1 upstream request per key for the whole fleet, as for one gateway with the memory store (requests the upstream received from the first subscriber to the last)", fleetSize),
+		add(met, fmt.Sprintf("fan-out through a fleet of %d gateways sharing a NATS JetStream store: exactly 1 upstream request per key for the whole fleet, as for one gateway with the memory store (requests the upstream received while the subscribers were connected)", fleetSize),
 			strings.Join(parts, "; "))
 	}
 }
@@ -129,8 +129,8 @@ func fleetSection(w func(string, ...any), res *results) {
 	w("above, the upstream's send stamp to the client's receipt. *Added by the JetStream hop* is the fleet's\n")
 	w("quantile minus the memory store's at the same count; the two are separate processes and runs, so the\n")
 	w("difference carries their round-to-round spread too. *Upstream requests* is how many `/broadcast` requests the\n")
-	w("upstream received from the target from the first subscriber's connect to the last one's close (it must be 1\n")
-	w("for both: one per key for the whole fleet). The fleet's *RSS* is the sum of its %d gateways' (VmRSS, as for\n", fleetSize)
+	w("upstream received from the target from the first subscriber's connect until, after the window and the wait for\n")
+	w("its last deliveries, the subscribers leave (it must be 1 for both: one per key for the whole fleet). The fleet's *RSS* is the sum of its %d gateways' (VmRSS, as for\n", fleetSize)
 	w("every target), and *RSS/subscriber* is that sum's growth ÷ subscribers; the NATS server's memory is **not** in\n")
 	w("it and is given apart (its RSS when idle and at the window's end), as is its CPU during the window.\n\n")
 	w("| subscribers | target | per gateway | upstream requests | deliveries | p50 | p99 | p50 added by the JetStream hop | p99 added by the JetStream hop | RSS idle | RSS with subscribers | RSS/subscriber | Go heap+stack/subscriber | CPU %% | NATS server RSS | NATS server CPU %% |\n")

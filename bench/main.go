@@ -9,9 +9,15 @@
 //	go run . -out ../docs        # full run, about 12 minutes
 //	go run . -smoke              # about 30 seconds, for CI; writes nothing unless -out is given
 //
-// It builds Caddy from ../cmd/caddy (or uses -caddy), installs nginx from
-// Debian when it is missing, starts every target itself on 127.0.0.1 and
-// stops them all before it exits.
+// It builds Caddy from ../cmd/caddy (or uses -caddy), and for the fleet
+// target Caddy with the NATS store from ../natsstore/cmd/caddy (or uses
+// -fleet-caddy), installs nginx from Debian when it is missing, starts every
+// target itself on 127.0.0.1 (the fleet's NATS server too: nats-server's own
+// code, linked into this binary) and stops them all before it exits.
+//
+// The fan-out scenario through the fleet alone, beside one gateway:
+//
+//	go run . -scenarios fanout -fanout-targets caddy+sse+share,caddy+sse+share-fleet -fanout 1000
 package main
 
 import (
