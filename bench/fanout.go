@@ -167,7 +167,7 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	path := fmt.Sprintf("/broadcast?dur=%s", lifetime)
 	window := newSampleWindow()
 	window.bySend = true
-	set := openStreamsAt(ctx, b.dialers, g.addrFor(), n, b.cfg.dialParallel, func(int) string { return path }, window, false)
+	set := openStreamsAt(ctx, b.dialers, g.addrFor(), g.host, n, b.cfg.dialParallel, func(int) string { return path }, window, false)
 	r.opened, r.failed = len(set.streams), set.failed
 	if len(g.addrs) > 0 {
 		r.perGateway = make([]int, len(g.addrs))

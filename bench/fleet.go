@@ -24,6 +24,11 @@ const (
 	fleetSize = 3
 	// fleetLease is the natsstore lease of a key's upstream request.
 	fleetLease = 3 * time.Second
+	// fleetHost is the Host header of every request to the fleet, as a
+	// load balancer in front of it passes on the one public name: share's
+	// key includes the request's host, so clients that named each gateway
+	// by its own address would be on three keys, not one.
+	fleetHost = "sse-fleet.test"
 )
 
 // startFleet starts a fleet's NATS server, then its gateways, all fresh.
@@ -52,7 +57,7 @@ func (l *launcher) startFleet() (*gateway, error) {
 	for _, m := range f.members {
 		f.addrs = append(f.addrs, m.addr)
 	}
-	f.addr = f.addrs[0]
+	f.addr, f.host = f.addrs[0], fleetHost
 	return f, nil
 }
 
@@ -123,7 +128,8 @@ func fleetSection(w func(string, ...any), res *results) {
 	w("processes built from `natsstore/cmd/caddy`, each with `share {path} { store nats { url … lease %s } }`, and\n", fleetLease)
 	w("one NATS server with JetStream (nats-server %s, linked into the harness from its Go module and run in a\n", natsVersion)
 	w("child process of it, started fresh with an empty store for each count and round). Subscriber *i* connects to\n")
-	w("gateway *i* mod %d, so they are spread evenly; the upstream is the same one. One gateway holds the key's lease\n", fleetSize)
+	w("gateway *i* mod %d, so they are spread evenly, all with the same `Host` header (`%s`), as behind a load\n", fleetSize, fleetHost)
+	w("balancer: share's key includes the host. The upstream is the same one. One gateway holds the key's lease\n")
 	w("and runs the upstream request, appending each event to JetStream; every gateway with subscribers reads the\n")
 	w("events back and writes them to its own, so the fleet's latency includes the JetStream hop. Latency is, as\n")
 	w("above, the upstream's send stamp to the client's receipt. *Added by the JetStream hop* is the fleet's\n")

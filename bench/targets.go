@@ -68,8 +68,11 @@ type gateway struct {
 	// gateways, whose processes are measured together, and nats is the
 	// NATS server they share, measured apart. addrs are the members'
 	// addresses, which clients take in turn (addrFor).
+	// host, when set, is the Host header of every client's request
+	// instead of the address it connects to.
 	members []*gateway
 	addrs   []string
+	host    string
 	nats    *gateway
 }
 
