@@ -4,6 +4,7 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -134,9 +135,12 @@ func fleetSection(w func(string, ...any), res *results) {
 	w("events back and writes them to its own, so the fleet's latency includes the JetStream hop. Latency is, as\n")
 	w("above, the upstream's send stamp to the client's receipt. *Added by the JetStream hop* is the fleet's\n")
 	w("quantile minus the memory store's at the same count; the two are separate processes and runs, so the\n")
-	w("difference carries their round-to-round spread too. *Upstream requests* is how many `/broadcast` requests the\n")
-	w("upstream received from the target from the first subscriber's connect until, after the window and the wait for\n")
-	w("its last deliveries, the subscribers leave (it must be 1 for both: one per key for the whole fleet). The fleet's *RSS* is the sum of its %d gateways' (VmRSS, as for\n", fleetSize)
+	w("difference carries their round-to-round spread too. With one subscriber the hop is all that differs; with\n")
+	w("many, each of the fleet's gateways writes the event to a third of them, in parallel with the others on the\n")
+	w("machine's cores, which can outweigh the hop, so the difference may be negative there. *Upstream requests* is\n")
+	w("how many `/broadcast` requests the upstream received from the target from the first subscriber's connect\n")
+	w("until, after the window and the wait for its last deliveries, the subscribers leave (it must be 1 for both:\n")
+	w("one per key for the whole fleet). The fleet's *RSS* is the sum of its %d gateways' (VmRSS, as for\n", fleetSize)
 	w("every target), and *RSS/subscriber* is that sum's growth ÷ subscribers; the NATS server's memory is **not** in\n")
 	w("it and is given apart (its RSS when idle and at the window's end), as is its CPU during the window.\n\n")
 	w("| subscribers | target | per gateway | upstream requests | deliveries | p50 | p99 | p50 added by the JetStream hop | p99 added by the JetStream hop | RSS idle | RSS with subscribers | RSS/subscriber | Go heap+stack/subscriber | CPU %% | NATS server RSS | NATS server CPU %% |\n")
@@ -185,9 +189,21 @@ func fleetAnalysis(w func(string, ...any), res *results) {
 	}
 	w(". Send to receipt through the fleet: p50 %s, p99 %s", lat(quantile(f.samples, 0.5)), lat(quantile(f.samples, 0.99)))
 	if s != nil && len(s.samples) > 0 {
-		w(", against %s and %s with the memory store: the JetStream hop added %s at p50 and %s at p99",
+		w(", against %s and %s with the memory store (fleet minus memory: %s at p50, %s at p99",
 			lat(quantile(s.samples, 0.5)), lat(quantile(s.samples, 0.99)),
 			signedLat(quantile(f.samples, 0.5)-quantile(s.samples, 0.5)), signedLat(quantile(f.samples, 0.99)-quantile(s.samples, 0.99)))
+		if largest > 1 {
+			w("; each gateway wrote to a third of the subscribers, in parallel with the others")
+		}
+		w(")")
+	}
+	// With one subscriber, the hop is all that differs.
+	smallest := slices.Min(res.cfg.fanoutCounts)
+	f1, s1 := res.fanoutFor(targetFleet, smallest), res.fanoutFor(targetShare, smallest)
+	if smallest < largest && f1 != nil && s1 != nil && len(f1.samples) > 0 && len(s1.samples) > 0 {
+		w(". With %s, where the JetStream hop is what differs, the fleet's p50 was %s (memory store %s: %s), its p99 %s (%s: %s)",
+			subscribers(smallest), lat(quantile(f1.samples, 0.5)), lat(quantile(s1.samples, 0.5)), signedLat(quantile(f1.samples, 0.5)-quantile(s1.samples, 0.5)),
+			lat(quantile(f1.samples, 0.99)), lat(quantile(s1.samples, 0.99)), signedLat(quantile(f1.samples, 0.99)-quantile(s1.samples, 0.99)))
 	}
 	w(". RSS per subscriber, summed over the gateways: %.2f KiB", kib(f.perSubscriberRSS()))
 	if s != nil && s.opened > 0 {
