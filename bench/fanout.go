@@ -303,9 +303,24 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	if (name == targetShare || name == targetFleet) && r.opened > 0 && (r.made != 1 || r.upstream != 1) {
 		b.res.problem("%s: the upstream received %d requests (%d open in the window) for one key, not 1", what, r.made, r.upstream)
 	}
-	if g.nats != nil {
+	if name == targetTrio {
+		// One per gateway with subscribers: each is on its own.
+		want := int64(0)
+		for _, k := range r.perGateway {
+			if k > 0 {
+				want++
+			}
+		}
+		if r.made != want || r.upstream != want {
+			b.res.problem("%s: the upstream received %d requests (%d open in the window), not one per gateway with subscribers (%d)", what, r.made, r.upstream, want)
+		}
+	}
+	switch {
+	case g.nats != nil:
 		log.Printf("%-34s gateways' subscribers %s  NATS server rss %6.1f→%6.1f MiB  cpu %5.1f%%", what, perGateway(r.perGateway),
 			mib(r.natsBase), mib(r.natsLoad), r.natsCPU)
+	case g.members != nil:
+		log.Printf("%-34s gateways' subscribers %s", what, perGateway(r.perGateway))
 	}
 	log.Printf("%-34s upstream %5d  deliveries %7d/%-7d  p50 %8.1fµs  p99 %8.1fµs  max %8.1fµs  rss %6.1f→%6.1f MiB %6.2f KiB/sub  cpu %5.1f%%",
 		what, r.upstream, len(r.samples), r.expected, micros(quantile(r.samples, 0.5)), micros(quantile(r.samples, 0.99)),

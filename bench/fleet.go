@@ -32,18 +32,23 @@ const (
 	fleetHost = "sse-fleet.test"
 )
 
-// startFleet starts a fleet's NATS server, then its gateways, all fresh.
-func (l *launcher) startFleet() (*gateway, error) {
-	nats, err := l.launch(natsProcess, "")
-	if err != nil {
-		return nil, err
+// startFleet starts a fleet's NATS server, then its gateways, all fresh;
+// for targetTrio, the same gateways with the memory store and no NATS.
+func (l *launcher) startFleet(name string) (*gateway, error) {
+	f := &gateway{name: name, members: make([]*gateway, fleetSize)}
+	launch := func() (*gateway, error) { return l.launch(targetShare, "") }
+	if name == targetFleet {
+		nats, err := l.launch(natsProcess, "")
+		if err != nil {
+			return nil, err
+		}
+		f.nats = nats
+		launch = func() (*gateway, error) { return l.launch(fleetMember, "nats://"+nats.addr) }
 	}
-	url := "nats://" + nats.addr
-	f := &gateway{name: targetFleet, nats: nats, members: make([]*gateway, fleetSize)}
 	errs := make([]error, fleetSize)
 	var wg sync.WaitGroup
 	for i := range fleetSize {
-		wg.Go(func() { f.members[i], errs[i] = l.launch(fleetMember, url) })
+		wg.Go(func() { f.members[i], errs[i] = launch() })
 	}
 	wg.Wait()
 	for i, err := range errs {
@@ -51,8 +56,8 @@ func (l *launcher) startFleet() (*gateway, error) {
 			for _, m := range f.members {
 				l.stop(m)
 			}
-			l.stop(nats)
-			return nil, fmt.Errorf("fleet gateway %d of %d: %w", i+1, fleetSize, err)
+			l.stop(f.nats)
+			return nil, fmt.Errorf("%s: gateway %d of %d: %w", name, i+1, fleetSize, err)
 		}
 	}
 	for _, m := range f.members {
@@ -143,22 +148,41 @@ func fleetSection(w func(string, ...any), res *results) {
 	w("one per key for the whole fleet). The fleet's *RSS* is the sum of its %d gateways' (VmRSS, as for\n", fleetSize)
 	w("every target), and *RSS/subscriber* is that sum's growth ÷ subscribers; the NATS server's memory is **not** in\n")
 	w("it and is given apart (its RSS when idle and at the window's end), as is its CPU during the window.\n\n")
-	w("| subscribers | target | per gateway | upstream requests | deliveries | p50 | p99 | p50 added by the JetStream hop | p99 added by the JetStream hop | RSS idle | RSS with subscribers | RSS/subscriber | Go heap+stack/subscriber | CPU %% | NATS server RSS | NATS server CPU %% |\n")
-	w("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	trio := slicesContains(cfg.fanoutTargets, targetTrio)
+	if trio {
+		w("**%s** is the control: the same %d gateways with the subscribers spread the same way, but each with\n", targetTrio, fleetSize)
+		w("the memory store, so each makes its own upstream request and nothing crosses NATS. The fleet minus it is\n")
+		w("the JetStream hop alone, without the effect of running %d processes on the machine's cores.\n\n", fleetSize)
+	}
+	w("| subscribers | target | per gateway | upstream requests | deliveries | p50 | p99 | added by the JetStream hop: fleet minus one gateway (p50 / p99) |")
+	if trio {
+		w(" fleet minus %s (p50 / p99) |", targetTrio)
+	}
+	w(" RSS idle | RSS with subscribers | RSS/subscriber | Go heap+stack/subscriber | CPU %% | NATS server RSS | NATS server CPU %% |\n")
+	w("|---:|---|---|---:|---:|---:|---:|---:|")
+	if trio {
+		w("---:|")
+	}
+	w("---:|---:|---:|---:|---:|---:|---:|\n")
+	minus := func(f, o *fanoutResult) string {
+		if f == nil || o == nil || len(f.samples) == 0 || len(o.samples) == 0 {
+			return "—"
+		}
+		return signedLat(quantile(f.samples, 0.5)-quantile(o.samples, 0.5)) + " / " + signedLat(quantile(f.samples, 0.99)-quantile(o.samples, 0.99))
+	}
 	for _, n := range cfg.fanoutCounts {
-		mem := res.fanoutFor(targetShare, n)
-		for _, t := range []string{targetShare, targetFleet} {
+		mem, alone := res.fanoutFor(targetShare, n), res.fanoutFor(targetTrio, n)
+		for _, t := range []string{targetShare, targetTrio, targetFleet} {
 			f := res.fanoutFor(t, n)
 			if f == nil || !slicesContains(cfg.fanoutTargets, t) {
 				continue
 			}
-			spread, hop50, hop99, nats, natsCPU := "—", "—", "—", "—", "—"
-			if t == targetFleet {
+			spread, hopMem, hopAlone, nats, natsCPU := "—", "—", "—", "—", "—"
+			if f.perGateway != nil {
 				spread = perGateway(f.perGateway)
-				if mem != nil && len(mem.samples) > 0 && len(f.samples) > 0 {
-					hop50 = signedLat(quantile(f.samples, 0.5) - quantile(mem.samples, 0.5))
-					hop99 = signedLat(quantile(f.samples, 0.99) - quantile(mem.samples, 0.99))
-				}
+			}
+			if t == targetFleet {
+				hopMem, hopAlone = minus(f, mem), minus(f, alone)
 				nats = fmt.Sprintf("%.1f → %.1f MiB", mib(f.natsBase), mib(f.natsLoad))
 				natsCPU = fmt.Sprintf("%.1f", f.natsCPU)
 			}
@@ -166,9 +190,13 @@ func fleetSection(w func(string, ...any), res *results) {
 			if f.goRounds > 0 {
 				goCell = fmt.Sprintf("%.2f KiB", kib(f.goPerSub/float64(f.goRounds)))
 			}
-			w("| %d | %s | %s | %d | %d of %d | %s | %s | %s | %s | %.1f MiB | %.1f MiB | %.2f KiB | %s | %.1f | %s | %s |\n",
-				f.opened, t, spread, f.made, len(f.samples), f.expected, lat(quantile(f.samples, 0.5)), lat(quantile(f.samples, 0.99)),
-				hop50, hop99, mib(f.rssBase), mib(f.rssLoad), kib(f.perSubscriberRSS()), goCell, f.cpu, nats, natsCPU)
+			w("| %d | %s | %s | %d | %d of %d | %s | %s | %s |", f.opened, t, spread, f.made, len(f.samples), f.expected,
+				lat(quantile(f.samples, 0.5)), lat(quantile(f.samples, 0.99)), hopMem)
+			if trio {
+				w(" %s |", hopAlone)
+			}
+			w(" %.1f MiB | %.1f MiB | %.2f KiB | %s | %.1f | %s | %s |\n",
+				mib(f.rssBase), mib(f.rssLoad), kib(f.perSubscriberRSS()), goCell, f.cpu, nats, natsCPU)
 		}
 	}
 	w("\n")
@@ -204,6 +232,11 @@ func fleetAnalysis(w func(string, ...any), res *results) {
 		w(". With %s, where the JetStream hop is what differs, the fleet's p50 was %s (memory store %s: %s), its p99 %s (%s: %s)",
 			subscribers(smallest), lat(quantile(f1.samples, 0.5)), lat(quantile(s1.samples, 0.5)), signedLat(quantile(f1.samples, 0.5)-quantile(s1.samples, 0.5)),
 			lat(quantile(f1.samples, 0.99)), lat(quantile(s1.samples, 0.99)), signedLat(quantile(f1.samples, 0.99)-quantile(s1.samples, 0.99)))
+	}
+	if a := res.fanoutFor(targetTrio, largest); a != nil && len(a.samples) > 0 {
+		w(". The same %d gateways without the store (%s, %d upstream requests): p50 %s, p99 %s, so the JetStream hop itself added %s at p50 and %s at p99",
+			fleetSize, targetTrio, a.made, lat(quantile(a.samples, 0.5)), lat(quantile(a.samples, 0.99)),
+			signedLat(quantile(f.samples, 0.5)-quantile(a.samples, 0.5)), signedLat(quantile(f.samples, 0.99)-quantile(a.samples, 0.99)))
 	}
 	w(". RSS per subscriber, summed over the gateways: %.2f KiB", kib(f.perSubscriberRSS()))
 	if s != nil && s.opened > 0 {

@@ -100,8 +100,8 @@ func run() error {
 		cfg.scaleCounts = nil
 	}
 	for _, t := range cfg.targets {
-		if targetDescriptions[t] == "" || t == targetShare || t == targetNchan || t == targetFleet {
-			return fmt.Errorf("unknown target %q (%s, %s and %s are for -fanout-targets)", t, targetShare, targetFleet, targetNchan)
+		if targetDescriptions[t] == "" || t == targetShare || t == targetNchan || t == targetFleet || t == targetTrio {
+			return fmt.Errorf("unknown target %q (%s, %s, %s and %s are for -fanout-targets)", t, targetShare, targetFleet, targetTrio, targetNchan)
 		}
 	}
 	if *fanN != "" {
@@ -320,7 +320,7 @@ func goBuild(ctx context.Context, root, pkg, out string) error {
 }
 
 func needsCaddy(targets []string) bool {
-	return slicesContains(targets, targetCaddy) || slicesContains(targets, targetSSE) || slicesContains(targets, targetShare)
+	return slicesContains(targets, targetCaddy) || slicesContains(targets, targetSSE) || slicesContains(targets, targetShare) || slicesContains(targets, targetTrio)
 }
 
 func slicesContains(list []string, s string) bool {

@@ -34,6 +34,9 @@ const (
 	// targetFleet is issue 18's fleet: fleetSize Caddy gateways whose share
 	// keeps its events in one NATS JetStream store (fleet.go).
 	targetFleet = "caddy+sse+share-fleet"
+	// targetTrio is the fleet without its store: the same gateways, each
+	// on its own (fleet.go).
+	targetTrio = "caddy+sse+share-3"
 	// fleetMember is one gateway of the fleet, and natsProcess the fleet's
 	// NATS server: processes the launcher starts, not targets of their own.
 	fleetMember = "fleet-gateway"
@@ -49,6 +52,7 @@ var targetDescriptions = map[string]string{
 	targetShare:  "Caddy, `sse { share {path} }` (one stream per path for every client) + the same `reverse_proxy` (fan-out scenario only)",
 	targetFloor:  "Caddy with a 40-line handler (`internal/caddyfloor`) that holds each subscriber's response open and writes each event POSTed to it, and nothing else: the least any Caddy handler holds per subscriber (fan-out scenario only)",
 	targetFleet:  fmt.Sprintf("%d Caddy processes built from `natsstore/cmd/caddy`, each with `sse { share {path} { store nats { url … lease %s } } }` + the same `reverse_proxy`, sharing one NATS server with JetStream (nats-server %s from its Go module, in a child process of the harness); subscribers spread evenly over the %d gateways, one upstream (fan-out scenario only)", fleetSize, fleetLease, natsVersion, fleetSize),
+	targetTrio:   fmt.Sprintf("the %d gateways of caddy+sse+share-fleet, subscribers spread over them the same way, but each gateway with the memory store: %d upstream requests, no NATS; the fleet less its store, which tells the JetStream hop from running %d processes (fan-out scenario only, not run unless asked for)", fleetSize, fleetSize, fleetSize),
 	targetNchan:  "nginx from Debian with Debian's Nchan module: subscribers on an `nchan_subscriber eventsource` location, each event published once by HTTP POST to an `nchan_publisher` location; no upstream (fan-out scenario only)",
 }
 
@@ -64,7 +68,7 @@ type gateway struct {
 	children bool
 	exited   chan struct{}
 	logPath  string
-	// A fleet (targetFleet) has no process of its own: its members are its
+	// A fleet (targetFleet, targetTrio) has no process of its own: its members are its
 	// gateways, whose processes are measured together, and nats is the
 	// NATS server they share, measured apart. addrs are the members'
 	// addresses, which clients take in turn (addrFor).
@@ -109,8 +113,8 @@ func (l *launcher) start(name string) (*gateway, error) {
 	switch name {
 	case targetDirect:
 		return &gateway{name: name, addr: l.upstream}, nil
-	case targetFleet:
-		return l.startFleet()
+	case targetFleet, targetTrio:
+		return l.startFleet(name)
 	}
 	return l.launch(name, "")
 }
