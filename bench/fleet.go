@@ -4,6 +4,7 @@ package main
 
 import (
 	"fmt"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -140,9 +141,11 @@ func fleetSection(w func(string, ...any), res *results) {
 	w("events back and writes them to its own, so the fleet's latency includes the JetStream hop. Latency is, as\n")
 	w("above, the upstream's send stamp to the client's receipt. *Added by the JetStream hop* is the fleet's\n")
 	w("quantile minus the memory store's at the same count; the two are separate processes and runs, so the\n")
-	w("difference carries their round-to-round spread too. With one subscriber the hop is all that differs; with\n")
-	w("many, each of the fleet's gateways writes the event to a third of them, in parallel with the others on the\n")
-	w("machine's cores, which can outweigh the hop, so the difference may be negative there. *Upstream requests* is\n")
+	w("difference carries their round-to-round spread too. With one subscriber the hop is all that differs. With\n")
+	w("many, the fleet is also %d processes instead of one: each writes the event to a third of the subscribers, in\n", fleetSize)
+	w("parallel with the others, which can make it faster, while they contend for the machine's %d cores with each\n", runtime.NumCPU())
+	w("other and with the clients, which can make it slower; either can outweigh the hop. The control target\n")
+	w("%s, run when `-fanout-targets` names it, separates the two. *Upstream requests* is\n", targetTrio)
 	w("how many `/broadcast` requests the upstream received from the target from the first subscriber's connect\n")
 	w("until, after the window and the wait for its last deliveries, the subscribers leave (it must be 1 for both:\n")
 	w("one per key for the whole fleet). The fleet's *RSS* is the sum of its %d gateways' (VmRSS, as for\n", fleetSize)
@@ -221,7 +224,7 @@ func fleetAnalysis(w func(string, ...any), res *results) {
 			lat(quantile(s.samples, 0.5)), lat(quantile(s.samples, 0.99)),
 			signedLat(quantile(f.samples, 0.5)-quantile(s.samples, 0.5)), signedLat(quantile(f.samples, 0.99)-quantile(s.samples, 0.99)))
 		if largest > 1 {
-			w("; each gateway wrote to a third of the subscribers, in parallel with the others")
+			w("; this also holds running %d processes instead of one", fleetSize)
 		}
 		w(")")
 	}
