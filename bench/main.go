@@ -6,7 +6,7 @@
 //
 // Run from this directory:
 //
-//	go run . -out ../docs        # full run, about 12 minutes
+//	go run . -out ../docs        # full run, about 13 minutes
 //	go run . -smoke              # about 30 seconds, for CI; writes nothing unless -out is given
 //
 // It builds Caddy from ../cmd/caddy (or uses -caddy), and for the fleet
@@ -15,9 +15,11 @@
 // target itself on 127.0.0.1 (the fleet's NATS server too: nats-server's own
 // code, linked into this binary) and stops them all before it exits.
 //
-// The fan-out scenario through the fleet alone, beside one gateway:
+// The fan-out scenario through the fleet alone, beside one gateway and the
+// fleet's gateways without their store (the control, caddy+sse+share-3,
+// which only runs when named), about 1.5 minutes:
 //
-//	go run . -scenarios fanout -fanout-targets caddy+sse+share,caddy+sse+share-fleet -fanout 1000
+//	go run . -scenarios fanout -fanout-targets caddy+sse+share,caddy+sse+share-3,caddy+sse+share-fleet -fanout 1,1000
 package main
 
 import (
