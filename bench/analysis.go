@@ -240,6 +240,7 @@ func analysis(res *results, m machine) string {
 	}
 
 	fanoutAnalysis(w, res)
+	fleetAnalysis(w, res)
 
 	// Scale.
 	if len(counts) > 0 {

@@ -5,6 +5,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -117,6 +118,11 @@ func openStream(ctx context.Context, d *dialers, addr, path string, limit time.D
 // response headers say the stream is open, without waiting for the ready
 // event (a client joining a shared stream, or an Nchan channel, gets none).
 func openStreamReady(ctx context.Context, d *dialers, addr, path string, limit time.Duration, ready bool) (*stream, error) {
+	return openStreamHost(ctx, d, addr, addr, path, limit, ready)
+}
+
+// openStreamHost is openStreamReady with host in the request's Host header.
+func openStreamHost(ctx context.Context, d *dialers, addr, host, path string, limit time.Duration, ready bool) (*stream, error) {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	raw, err := d.dial(ctx, addr)
@@ -126,7 +132,7 @@ func openStreamReady(ctx context.Context, d *dialers, addr, path string, limit t
 	conn := &stampedConn{Conn: raw}
 	deadline, _ := ctx.Deadline()
 	_ = conn.SetDeadline(deadline)
-	req := fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n", path, addr)
+	req := fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n", path, host)
 	if _, err := io.WriteString(conn, req); err != nil {
 		conn.Close()
 		return nil, err
@@ -244,6 +250,13 @@ func openStreams(ctx context.Context, d *dialers, addr string, n, parallel int, 
 // openStreamsReady is openStreams; ready says whether each stream waits for
 // the upstream's ready event (see openStreamReady).
 func openStreamsReady(ctx context.Context, d *dialers, addr string, n, parallel int, pathFor func(int) string, window *sampleWindow, ready bool) *streamSet {
+	return openStreamsAt(ctx, d, func(int) string { return addr }, "", n, parallel, pathFor, window, ready)
+}
+
+// openStreamsAt is openStreamsReady with addrFor(i) as the address of the
+// i-th stream (a fleet's gateways in turn) and, unless it is empty, host as
+// every stream's Host header instead of its address.
+func openStreamsAt(ctx context.Context, d *dialers, addrFor func(int) string, host string, n, parallel int, pathFor func(int) string, window *sampleWindow, ready bool) *streamSet {
 	set := &streamSet{streams: make([]*stream, n)}
 	var mu sync.Mutex
 	sem := make(chan struct{}, parallel)
@@ -259,7 +272,8 @@ func openStreamsReady(ctx context.Context, d *dialers, addr string, n, parallel 
 			// A refused connection under a burst of connects is retried a
 			// couple of times; anything else is reported.
 			for attempt := 0; attempt < 3; attempt++ {
-				s, err = openStreamReady(ctx, d, addr, pathFor(i), 15*time.Second, ready)
+				addr := addrFor(i)
+				s, err = openStreamHost(ctx, d, addr, cmp.Or(host, addr), pathFor(i), 15*time.Second, ready)
 				if err == nil || ctx.Err() != nil {
 					break
 				}

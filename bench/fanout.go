@@ -33,7 +33,7 @@ const (
 )
 
 // defaultFanoutTargets are the fan-out scenario's targets, in report order.
-var defaultFanoutTargets = []string{targetCaddy, targetShare, targetFloor, targetNginx, targetNchan}
+var defaultFanoutTargets = []string{targetCaddy, targetShare, targetFleet, targetFloor, targetNginx, targetNchan}
 
 type fanoutResult struct {
 	target      string
@@ -47,9 +47,18 @@ type fanoutResult struct {
 	expected int
 	// upstream is the most /broadcast requests the upstream served during
 	// a window with every subscriber open.
-	upstream         int64
+	upstream int64
+	// made is the most /broadcast requests the upstream received in one
+	// round, from the first subscriber's connect until they leave.
+	made             int64
 	rssBase, rssLoad int64 // summed over rounds; divide by rounds
-	rounds           int
+	// For the fleet: the subscribers each gateway held (in the last round),
+	// and its NATS server's RSS (summed over rounds, like the gateways')
+	// and CPU during the window, measured apart from the gateways'.
+	perGateway         []int
+	natsBase, natsLoad int64
+	natsCPU            float64
+	rounds             int
 	// goPerSub is a Caddy target's Go heap+stack per subscriber after a
 	// forced collection, summed over the goRounds rounds that read it.
 	goPerSub      float64
@@ -100,8 +109,13 @@ func (b *bench) runFanout(ctx context.Context) error {
 					prev.early += r.early
 					prev.expected += r.expected
 					prev.upstream = max(prev.upstream, r.upstream)
+					prev.made = max(prev.made, r.made)
 					prev.rssBase += r.rssBase
 					prev.rssLoad += r.rssLoad
+					prev.natsBase += r.natsBase
+					prev.natsLoad += r.natsLoad
+					prev.natsCPU = (prev.natsCPU + r.natsCPU) / 2
+					prev.perGateway = r.perGateway
 					prev.rounds++
 					prev.goPerSub += r.goPerSub
 					prev.goRounds += r.goRounds
@@ -118,6 +132,8 @@ func (b *bench) runFanout(ctx context.Context) error {
 		slices.Sort(f.samples)
 		f.rssBase /= int64(f.rounds)
 		f.rssLoad /= int64(f.rounds)
+		f.natsBase /= int64(f.rounds)
+		f.natsLoad /= int64(f.rounds)
 	}
 	return nil
 }
@@ -138,17 +154,27 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	// that the idle RSS includes them.
 	var goBase goMemory
 	goErr := errors.New("no admin endpoint")
-	if g.admin != "" {
+	if g.hasAdmin() {
 		goBase, goErr = g.goMemory()
 	}
 	r.rssBase = g.rss()
+	if g.nats != nil {
+		r.natsBase = g.nats.rss()
+	}
+	made0 := b.up.broadcastMade.Load()
 
 	lifetime := b.cfg.fanoutWarmup + b.cfg.fanoutMeasure + 2*time.Minute
 	path := fmt.Sprintf("/broadcast?dur=%s", lifetime)
 	window := newSampleWindow()
 	window.bySend = true
-	set := openStreamsReady(ctx, b.dialers, g.addr, n, b.cfg.dialParallel, func(int) string { return path }, window, false)
+	set := openStreamsAt(ctx, b.dialers, g.addrFor(), g.host, n, b.cfg.dialParallel, func(int) string { return path }, window, false)
 	r.opened, r.failed = len(set.streams), set.failed
+	if len(g.addrs) > 0 {
+		r.perGateway = make([]int, len(g.addrs))
+		for _, s := range set.streams {
+			r.perGateway[s.id%len(g.addrs)]++
+		}
+	}
 
 	// The publisher: one event per interval, stamped with the moment it is
 	// handed on (to the upstream's connections, or to Nchan's publisher).
@@ -204,11 +230,19 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	start, end := window.set(b.cfg.fanoutWarmup, b.cfg.fanoutMeasure)
 	time.Sleep(time.Until(start))
 	cpu := startCPU(g)
+	var natsCPU cpuMeter
+	if g.nats != nil {
+		natsCPU = startCPU(g.nats)
+	}
 	r.upstream = b.up.broadcasting.Load()
 	time.Sleep(time.Until(end))
 	r.cpu = cpu.percent()
 	r.upstream = max(r.upstream, b.up.broadcasting.Load())
 	r.rssLoad = g.rss()
+	if g.nats != nil {
+		r.natsCPU = natsCPU.percent()
+		r.natsLoad = g.nats.rss()
+	}
 	close(stopPub)
 	<-pubDone
 	if goErr == nil && r.opened > 0 {
@@ -223,6 +257,9 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 	// Events sent near the window's end may still be on their way.
 	time.Sleep(b.cfg.fanoutDeliver)
 	r.early = set.endedEarly()
+	// Before the subscribers leave: as a fleet's gateways lose theirs one
+	// by one, another may rightly take the lease from one left with none.
+	r.made = b.up.broadcastMade.Load() - made0
 	set.closeAll()
 	b.launcher.stop(g)
 	b.drain(what)
@@ -262,6 +299,28 @@ func (b *bench) runFanoutOnce(ctx context.Context, name string, n int) (*fanoutR
 		if r.upstream != int64(r.opened) {
 			b.res.problem("%s: the upstream served %d requests for %d subscribers", what, r.upstream, r.opened)
 		}
+	}
+	if (name == targetShare || name == targetFleet) && r.opened > 0 && (r.made != 1 || r.upstream != 1) {
+		b.res.problem("%s: the upstream received %d requests (%d open in the window) for one key, not 1", what, r.made, r.upstream)
+	}
+	if name == targetTrio {
+		// One per gateway with subscribers: each is on its own.
+		want := int64(0)
+		for _, k := range r.perGateway {
+			if k > 0 {
+				want++
+			}
+		}
+		if r.made != want || r.upstream != want {
+			b.res.problem("%s: the upstream received %d requests (%d open in the window), not one per gateway with subscribers (%d)", what, r.made, r.upstream, want)
+		}
+	}
+	switch {
+	case g.nats != nil:
+		log.Printf("%-34s gateways' subscribers %s  NATS server rss %6.1f→%6.1f MiB  cpu %5.1f%%", what, perGateway(r.perGateway),
+			mib(r.natsBase), mib(r.natsLoad), r.natsCPU)
+	case g.members != nil:
+		log.Printf("%-34s gateways' subscribers %s", what, perGateway(r.perGateway))
 	}
 	log.Printf("%-34s upstream %5d  deliveries %7d/%-7d  p50 %8.1fµs  p99 %8.1fµs  max %8.1fµs  rss %6.1f→%6.1f MiB %6.2f KiB/sub  cpu %5.1f%%",
 		what, r.upstream, len(r.samples), r.expected, micros(quantile(r.samples, 0.5)), micros(quantile(r.samples, 0.99)),
@@ -476,6 +535,7 @@ func fanoutSection(w func(string, ...any), res *results) {
 	for _, n := range cfg.fanoutCounts {
 		w("![fan-out latency CDF, %s](bench-fanout-%d.png)\n\n", subscribers(n), n)
 	}
+	fleetSection(w, res)
 }
 
 // fanoutAnalysis is the fan-out paragraph of the computed analysis.

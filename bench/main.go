@@ -6,12 +6,20 @@
 //
 // Run from this directory:
 //
-//	go run . -out ../docs        # full run, about 12 minutes
+//	go run . -out ../docs        # full run, about 13 minutes
 //	go run . -smoke              # about 30 seconds, for CI; writes nothing unless -out is given
 //
-// It builds Caddy from ../cmd/caddy (or uses -caddy), installs nginx from
-// Debian when it is missing, starts every target itself on 127.0.0.1 and
-// stops them all before it exits.
+// It builds Caddy from ../cmd/caddy (or uses -caddy), and for the fleet
+// target Caddy with the NATS store from ../natsstore/cmd/caddy (or uses
+// -fleet-caddy), installs nginx from Debian when it is missing, starts every
+// target itself on 127.0.0.1 (the fleet's NATS server too: nats-server's own
+// code, linked into this binary) and stops them all before it exits.
+//
+// The fan-out scenario through the fleet alone, beside one gateway and the
+// fleet's gateways without their store (the control, caddy+sse+share-3,
+// which only runs when named), about 1.5 minutes:
+//
+//	go run . -scenarios fanout -fanout-targets caddy+sse+share,caddy+sse+share-3,caddy+sse+share-fleet -fanout 1,1000
 package main
 
 import (
@@ -33,6 +41,14 @@ import (
 
 func main() {
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
+	if len(os.Args) > 1 && os.Args[1] == natsServerCommand {
+		// The fleet target's NATS server, started by the harness (nats.go).
+		if err := runNATSServer(os.Args[2:]); err != nil {
+			log.Print("bench nats-server: ", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(); err != nil {
 		log.Print("bench: ", err)
 		os.Exit(1)
@@ -45,6 +61,7 @@ func run() error {
 		out      = flag.String("out", "", "directory for benchmarks.md and the plots (none written when empty)")
 		root     = flag.String("root", "..", "the caddy-sse repository, whose ./cmd/caddy is built")
 		caddyBin = flag.String("caddy", "", "use this Caddy binary (with the sse module) instead of building one")
+		fleetBin = flag.String("fleet-caddy", "", "use this Caddy binary (with the sse module and natsstore) for the fleet's gateways instead of building ../natsstore/cmd/caddy")
 		targets  = flag.String("targets", strings.Join([]string{targetDirect, targetCaddy, targetSSE, targetNginx}, ","), "targets to measure, comma-separated")
 		scale    = flag.String("scale", "", "stream counts for the scale scenario, comma-separated (default 1000,5000,8000; smoke 50)")
 		note     = flag.String("note", "", "a sentence about the machine's state during the run, for the report (for example that it was shared)")
@@ -85,8 +102,8 @@ func run() error {
 		cfg.scaleCounts = nil
 	}
 	for _, t := range cfg.targets {
-		if targetDescriptions[t] == "" || t == targetShare || t == targetNchan {
-			return fmt.Errorf("unknown target %q (caddy+sse+share and nchan are for -fanout-targets)", t)
+		if targetDescriptions[t] == "" || t == targetShare || t == targetNchan || t == targetFleet || t == targetTrio {
+			return fmt.Errorf("unknown target %q (%s, %s, %s and %s are for -fanout-targets)", t, targetShare, targetFleet, targetTrio, targetNchan)
 		}
 	}
 	if *fanN != "" {
@@ -136,10 +153,18 @@ func run() error {
 			cfg.scaleCounts[i] = maxStreams
 		}
 	}
+	// The fan-out counts are every fan-out target's, so the tightest bound
+	// applies: a proxy's (two descriptors per subscriber in the harness)
+	// when one is measured, else one per subscriber (share, the fleet,
+	// the floor, Nchan).
+	maxFanout := fleetCap(limit)
+	if slicesContains(cfg.fanoutTargets, targetCaddy) || slicesContains(cfg.fanoutTargets, targetNginx) {
+		maxFanout = maxStreams
+	}
 	for i, n := range cfg.fanoutCounts {
-		if n > maxStreams {
-			log.Printf("fanout: %d subscribers do not fit the open-files limit of %d; measuring %d", n, limit, maxStreams)
-			cfg.fanoutCounts[i] = maxStreams
+		if n > maxFanout {
+			log.Printf("fanout: %d subscribers do not fit the open-files limit of %d; measuring %d", n, limit, maxFanout)
+			cfg.fanoutCounts[i] = maxFanout
 			cfg.fanoutCapped = true
 		}
 	}
@@ -163,6 +188,18 @@ func run() error {
 			if err := goBuild(ctx, *root, "./cmd/caddy", l.caddyBin); err != nil {
 				return err
 			}
+		}
+	}
+	if slicesContains(all, targetFleet) {
+		l.fleetBin = *fleetBin
+		if l.fleetBin == "" {
+			l.fleetBin = filepath.Join(scratch, "caddy-natsstore")
+			if err := goBuild(ctx, *root, "./natsstore/cmd/caddy", l.fleetBin); err != nil {
+				return err
+			}
+		}
+		if l.selfBin, err = os.Executable(); err != nil {
+			return err
 		}
 	}
 	if slicesContains(all, targetFloor) {
@@ -285,7 +322,7 @@ func goBuild(ctx context.Context, root, pkg, out string) error {
 }
 
 func needsCaddy(targets []string) bool {
-	return slicesContains(targets, targetCaddy) || slicesContains(targets, targetSSE) || slicesContains(targets, targetShare)
+	return slicesContains(targets, targetCaddy) || slicesContains(targets, targetSSE) || slicesContains(targets, targetShare) || slicesContains(targets, targetTrio)
 }
 
 func slicesContains(list []string, s string) bool {

@@ -15,7 +15,7 @@ import (
 
 // targetStyle gives every target the same colour and marker in every plot.
 func targetStyle(targets []string, name string) int {
-	for i, t := range []string{targetDirect, targetCaddy, targetSSE, targetNginx, targetShare, targetNchan, targetFloor} {
+	for i, t := range []string{targetDirect, targetCaddy, targetSSE, targetNginx, targetShare, targetNchan, targetFloor, targetFleet, targetTrio} {
 		if t == name {
 			return i
 		}

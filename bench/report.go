@@ -191,14 +191,22 @@ func writeReport(res *results, m machine, notes, path string) error {
 	w("own configuration (2 workers, `worker_connections 20000`) and stopped afterwards. Memory is VmRSS from\n")
 	w("`/proc/PID/status` and CPU is utime+stime from `/proc/PID/stat`, summed over the target's processes\n")
 	w("(nginx: master and workers). The harness itself (upstream and clients) runs on the same %d cores, so the\n", m.cpus)
-	w("absolute figures include its contention; the ratios are what compare.\n\n")
+	w("absolute figures include its contention; the ratios are what compare.")
+	if len(res.fanout) > 0 && slicesContains(cfg.fanoutTargets, targetFleet) {
+		w(" The fleet's gateways are built from `natsstore/cmd/caddy` instead\n")
+		w("(Caddy with the sse module and its NATS store); its NATS server is nats-server %s's own code, linked into the\n", natsVersion)
+		w("harness and run in a child process of it, so that its memory and CPU are measured apart.")
+	}
+	w("\n\n")
 	w("Latency, throughput and teardown run against one long-lived process per target, alternating targets at\n")
 	w("every step and rotating which goes first in each of %d round%s, so machine drift hits all alike. The scale\n", cfg.rounds, plural(cfg.rounds))
 	w("scenario starts a fresh process per target and stream count, so its memory baseline is clean.\n\n")
 
 	// Targets of the issue.
 	rows := targetRows(res)
-	if len(res.fanout) > 0 {
+	if slicesContains(cfg.fanoutTargets, targetFleet) && len(res.fanout) > 0 {
+		w("## Against the targets of issues 5, 11 and 18\n\n")
+	} else if len(res.fanout) > 0 {
 		w("## Against the targets of issues 5 and 11\n\n")
 	} else {
 		w("## Against the targets of issue 5\n\n")
@@ -540,5 +548,6 @@ func targetRows(res *results) []targetRow {
 	teardownRow(fmt.Sprintf("teardown p99 ≤ %s under churn (%d streams held, %.0f closes + opens/s)", teardownGoal, cfg.churnStreams, cfg.churnRate),
 		res.churnFor(targetSSE), res.churnFor)
 	fanoutRows(res, add)
+	fleetRows(res, add)
 	return rows
 }

@@ -31,6 +31,16 @@ const (
 	targetShare = "caddy+sse+share"
 	targetNchan = "nchan"
 	targetFloor = "caddy+floor"
+	// targetFleet is issue 18's fleet: fleetSize Caddy gateways whose share
+	// keeps its events in one NATS JetStream store (fleet.go).
+	targetFleet = "caddy+sse+share-fleet"
+	// targetTrio is the fleet without its store: the same gateways, each
+	// on its own (fleet.go).
+	targetTrio = "caddy+sse+share-3"
+	// fleetMember is one gateway of the fleet, and natsProcess the fleet's
+	// NATS server: processes the launcher starts, not targets of their own.
+	fleetMember = "fleet-gateway"
+	natsProcess = "nats"
 )
 
 // targetDescriptions says in the report what each target is.
@@ -41,6 +51,8 @@ var targetDescriptions = map[string]string{
 	targetNginx:  "nginx from Debian, `proxy_buffering off`, HTTP/1.1 to the upstream",
 	targetShare:  "Caddy, `sse { share {path} }` (one stream per path for every client) + the same `reverse_proxy` (fan-out scenario only)",
 	targetFloor:  "Caddy with a 40-line handler (`internal/caddyfloor`) that holds each subscriber's response open and writes each event POSTed to it, and nothing else: the least any Caddy handler holds per subscriber (fan-out scenario only)",
+	targetFleet:  fmt.Sprintf("%d Caddy processes built from `natsstore/cmd/caddy`, each with `sse { share {path} { store nats { url … lease %s } } }` + the same `reverse_proxy`, sharing one NATS server with JetStream (nats-server %s from its Go module, in a child process of the harness); subscribers spread evenly over the %d gateways, one upstream (fan-out scenario only)", fleetSize, fleetLease, natsVersion, fleetSize),
+	targetTrio:   fmt.Sprintf("the %d gateways of caddy+sse+share-fleet, subscribers spread over them the same way, but each gateway with the memory store: %d upstream requests, no NATS; the fleet less its store, which tells the JetStream hop from running %d processes (fan-out scenario only, not run unless asked for)", fleetSize, fleetSize, fleetSize),
 	targetNchan:  "nginx from Debian with Debian's Nchan module: subscribers on an `nchan_subscriber eventsource` location, each event published once by HTTP POST to an `nchan_publisher` location; no upstream (fan-out scenario only)",
 }
 
@@ -56,6 +68,16 @@ type gateway struct {
 	children bool
 	exited   chan struct{}
 	logPath  string
+	// A fleet (targetFleet, targetTrio) has no process of its own: its members are its
+	// gateways, whose processes are measured together, and nats is the
+	// NATS server they share, measured apart. addrs are the members'
+	// addresses, which clients take in turn (addrFor).
+	// host, when set, is the Host header of every client's request
+	// instead of the address it connects to.
+	members []*gateway
+	addrs   []string
+	host    string
+	nats    *gateway
 }
 
 // launcher starts targets; it knows the binaries and a scratch directory, and
@@ -65,6 +87,8 @@ type launcher struct {
 	floorBin  string // Caddy with the floor handler (internal/caddyfloor)
 	nginxBin  string
 	nchanMod  string // Debian's ngx_nchan_module.so
+	fleetBin  string // Caddy with the sse module and natsstore (natsstore/cmd/caddy)
+	selfBin   string // this harness's binary, which runs the fleet's NATS server
 	scratch   string
 	heartbeat time.Duration
 	upstream  string
@@ -86,9 +110,18 @@ func freePort() (int, error) {
 
 // start launches the named target and waits until it accepts connections.
 func (l *launcher) start(name string) (*gateway, error) {
-	if name == targetDirect {
+	switch name {
+	case targetDirect:
 		return &gateway{name: name, addr: l.upstream}, nil
+	case targetFleet, targetTrio:
+		return l.startFleet(name)
 	}
+	return l.launch(name, "")
+}
+
+// launch starts one process: a target, a fleet's gateway (with natsURL, its
+// NATS server) or a fleet's NATS server.
+func (l *launcher) launch(name, natsURL string) (*gateway, error) {
 	l.mu.Lock()
 	l.seq++
 	dir := filepath.Join(l.scratch, fmt.Sprintf("%02d-%s", l.seq, strings.ReplaceAll(name, "+", "-")))
@@ -102,16 +135,19 @@ func (l *launcher) start(name string) (*gateway, error) {
 	}
 	g := &gateway{name: name, addr: fmt.Sprintf("127.0.0.1:%d", port), exited: make(chan struct{}), logPath: filepath.Join(dir, "log")}
 	switch name {
-	case targetCaddy, targetSSE, targetShare, targetFloor:
+	case targetCaddy, targetSSE, targetShare, targetFloor, fleetMember:
 		adminPort, err := freePort()
 		if err != nil {
 			return nil, err
 		}
 		g.admin = fmt.Sprintf("127.0.0.1:%d", adminPort)
-		conf := caddyfile(port, adminPort, l.upstream, name != targetCaddy, name == targetShare, l.heartbeat)
+		conf := caddyfile(port, adminPort, l.upstream, name != targetCaddy, name == targetShare || name == fleetMember, natsURL, l.heartbeat)
 		bin := l.caddyBin
-		if name == targetFloor {
+		switch name {
+		case targetFloor:
 			conf, bin = floorCaddyfile(port, adminPort), l.floorBin
+		case fleetMember:
+			bin = l.fleetBin
 		}
 		if err := os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(conf), 0o644); err != nil {
 			return nil, err
@@ -120,6 +156,10 @@ func (l *launcher) start(name string) (*gateway, error) {
 		// Caddy keeps its data and autosaved config under HOME / XDG
 		// directories; keep them in the scratch directory.
 		g.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+		g.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	case natsProcess:
+		store := filepath.Join(dir, "jetstream")
+		g.cmd = exec.Command(l.selfBin, natsServerCommand, "-port", strconv.Itoa(port), "-store", store)
 		g.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	case targetNginx, targetNchan:
 		conf := nginxConf(port, l.upstream, dir)
@@ -184,9 +224,22 @@ func (g *gateway) waitListening(limit time.Duration) error {
 }
 
 // stop ends a target: SIGTERM first, SIGKILL (to the whole process group)
-// when it has not exited within 5 seconds.
+// when it has not exited within 5 seconds. A fleet's gateways stop together,
+// then its NATS server.
 func (l *launcher) stop(g *gateway) {
-	if g == nil || g.cmd == nil {
+	if g == nil {
+		return
+	}
+	if g.members != nil {
+		var wg sync.WaitGroup
+		for _, m := range g.members {
+			wg.Go(func() { l.stop(m) })
+		}
+		wg.Wait()
+		l.stop(g.nats)
+		return
+	}
+	if g.cmd == nil {
 		return
 	}
 	_ = g.cmd.Process.Signal(syscall.SIGTERM)
@@ -218,7 +271,10 @@ func (l *launcher) stopAll() {
 
 // caddyfile is the configuration of a Caddy target. The Caddy targets differ
 // only by the sse directive and its share option.
-func caddyfile(port, adminPort int, upstream string, withSSE, share bool, heartbeat time.Duration) string {
+//
+// With natsURL, share keeps its events in the NATS server there (the
+// natsstore module), as a fleet's gateways do.
+func caddyfile(port, adminPort int, upstream string, withSSE, share bool, natsURL string, heartbeat time.Duration) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "{\n\tadmin 127.0.0.1:%d\n\tpersist_config off\n\tauto_https off\n\tgrace_period 1s\n}\n\n", adminPort)
 	fmt.Fprintf(&b, "http://:%d {\n\tbind 127.0.0.1\n", port)
@@ -228,7 +284,11 @@ func caddyfile(port, adminPort int, upstream string, withSSE, share bool, heartb
 			// A broadcast stream, shared by every client whatever its
 			// address: the default key keeps clients of different
 			// addresses apart, and the harness's come from 16.
-			b.WriteString("\t\tshare {path}\n")
+			b.WriteString("\t\tshare {path}")
+			if natsURL != "" {
+				fmt.Fprintf(&b, " {\n\t\t\tstore nats {\n\t\t\t\turl %s\n\t\t\t\tlease %s\n\t\t\t}\n\t\t}", natsURL, fleetLease)
+			}
+			b.WriteString("\n")
 		}
 		b.WriteString("\t}\n")
 	}
@@ -306,8 +366,15 @@ http {
 }
 
 // pids lists the processes that make up the target: the process started and,
-// for nginx, its workers.
+// for nginx, its workers; for a fleet, its gateways (not its NATS server).
 func (g *gateway) pids() []int {
+	if g.members != nil {
+		var pids []int
+		for _, m := range g.members {
+			pids = append(pids, m.pids()...)
+		}
+		return pids
+	}
 	if g.cmd == nil {
 		return nil
 	}
@@ -410,7 +477,7 @@ func startCPU(g *gateway) cpuMeter { return cpuMeter{g: g, ticks: g.cpuTicks(), 
 
 // percent is the CPU used since start, in percent of one core.
 func (m cpuMeter) percent() float64 {
-	if m.g.cmd == nil {
+	if m.g.cmd == nil && m.g.members == nil {
 		return 0
 	}
 	wall := time.Since(m.at).Seconds()
@@ -426,6 +493,19 @@ type goMemory struct {
 }
 
 func (g *gateway) goMemory() (goMemory, error) {
+	if g.members != nil {
+		var sum goMemory
+		for _, m := range g.members {
+			gm, err := m.goMemory()
+			if err != nil {
+				return goMemory{}, fmt.Errorf("%s: %w", m.addr, err)
+			}
+			sum.heapInuse += gm.heapInuse
+			sum.stackInuse += gm.stackInuse
+			sum.goroutines += gm.goroutines
+		}
+		return sum, nil
+	}
 	if g.admin == "" {
 		return goMemory{}, errors.New("no admin endpoint")
 	}

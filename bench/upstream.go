@@ -40,6 +40,9 @@ type upstream struct {
 	// broadcasting counts the /broadcast requests being served: the
 	// upstream connections a fan-out run costs.
 	broadcasting atomic.Int64
+	// broadcastMade counts the /broadcast requests received, ever: a
+	// fan-out run's share of it is the upstream requests it made.
+	broadcastMade atomic.Int64
 
 	mu sync.Mutex
 	// next is the broadcast event every /broadcast handler waits for.
@@ -310,6 +313,7 @@ func stampedEvent(size int) []byte {
 func (u *upstream) serveBroadcast(w http.ResponseWriter, r *http.Request) {
 	u.active.Add(1)
 	defer u.active.Add(-1)
+	u.broadcastMade.Add(1)
 	u.broadcasting.Add(1)
 	defer u.broadcasting.Add(-1)
 	lifetime := queryDuration(r, "dur", time.Minute)
