@@ -72,8 +72,8 @@ go mod edit -require=github.com/ssegateway/caddy-sse@v0.0.0 -replace="github.com
 go mod tidy >/dev/null
 go build -o caddy .
 ./caddy list-modules | grep -qx 'http.handlers.sse.stores.nats' || { echo "http.handlers.sse.stores.nats not registered"; exit 1; }
-printf ':80 {\n\tsse {\n\t\tshare {path} {\n\t\t\tstore nats {\n\t\t\t\turl nats://127.0.0.1:4222\n\t\t\t\tlease 3s\n\t\t\t}\n\t\t}\n\t}\n\treverse_proxy 127.0.0.1:9\n}\n' >"$work/fleet.Caddyfile"
-./caddy adapt --config "$work/fleet.Caddyfile" | grep -q '"backend":"nats"' || { echo "a Caddyfile with store nats does not adapt"; exit 1; }
+./caddy adapt --config "$repo/natsstore/Caddyfile.example" | grep -q '"backend":"nats"' ||
+	{ echo "natsstore/Caddyfile.example does not adapt to a nats store"; exit 1; }
 go list -m -f '{{.Path}} {{.Version}}' all | sort >"$work/store.txt"
 store_added=$(comm -13 "$work/plugin.txt" "$work/store.txt" | grep -v '^github.com/ssegateway/caddy-sse/natsstore v0.0.0$' |
 	while read -r path version; do grep -qxF "$path" "$work/nats.txt" || echo "$path $version"; done)
@@ -82,6 +82,6 @@ if [ -n "$store_added" ]; then
 	echo "$store_added"
 	exit 1
 fi
-echo "store plugin build: ok (http.handlers.sse.stores.nats listed, store nats adapts, adds only NATS's modules)"
+echo "store plugin build: ok (http.handlers.sse.stores.nats listed, natsstore/Caddyfile.example adapts, adds only NATS's modules)"
 
 echo "plugin build: ok (caddy $caddy_version, go $go_ours <= $go_caddy, http.handlers.sse listed, Caddyfile.example adapts, adds only itself to the module graph)"
