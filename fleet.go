@@ -28,6 +28,10 @@ import (
 // about a term and a quarter of its holder's end.
 const leaseAsksPerTerm = 4
 
+// rejoinLookBack is how many of the newest events a hub back from serving
+// alone compares an event without id from the log with.
+const rejoinLookBack = 8
+
 // storeProbeEvery is how often a hub that serves its clients alone checks
 // whether the store is back.
 const storeProbeEvery = time.Second
@@ -75,12 +79,18 @@ func (hb *hub) fleet(log Log) (ended bool, err error) {
 	caughtUp := make(chan struct{})
 	failed := make(chan struct{}) // closed when following ends, with followErr
 	var followErr error
-	hb.mu.RLock()
+	hb.mu.Lock()
 	after := hb.logSeq
-	hb.mu.RUnlock()
+	hb.catchingUp = true
+	hb.mu.Unlock()
 	go func() {
 		defer close(failed)
-		followErr = log.Follow(ctx, after, hb.appendFromLog, func() { close(caughtUp) })
+		followErr = log.Follow(ctx, after, hb.appendFromLog, func() {
+			hb.mu.Lock()
+			hb.catchingUp = false
+			hb.mu.Unlock()
+			close(caughtUp)
+		})
 	}()
 	select {
 	case <-caughtUp:
@@ -169,9 +179,11 @@ func (hb *hub) lead(lease Lease, followingFailed <-chan struct{}) (ended bool, e
 }
 
 // appendUnlogged starts a lead. A hub back from serving alone first appends
-// to the log what the upstream gave it meanwhile, for the gateways that
-// are behind it, and then asks the upstream from there; any other asks
-// from the last id in the log.
+// to the log the events with ids the upstream gave it meanwhile, for the
+// gateways that are behind it (those ahead tell them by their ids), and
+// then asks the upstream from there; any other asks from the last id in
+// the log. Events without ids are not appended: a gateway that had them
+// could not tell, and an upstream without ids cannot resume anyway.
 func (hb *hub) appendUnlogged(lease Lease) error {
 	hb.mu.Lock()
 	defer hb.mu.Unlock() // held while appending: the events are in the ring already
@@ -230,12 +242,25 @@ func (hb *hub) appendFromLog(ev LogEvent) {
 	hb.unlogged = nil // another gateway leads: the log has what it needs
 	if hb.rejoined {
 		// Back from serving alone: what the upstream gave this gateway
-		// meanwhile, the log may give again. An event is known by its
-		// id: the upstream's, or none (then it cannot be told apart).
-		if _, seen := hb.ring.after(ev.ID); seen && ev.HasID && ev.ID != "" {
+		// meanwhile, the log may give again. An event with an id is
+		// known by it; one without cannot be told apart, so those the log
+		// got while this gateway served alone are left out: it had its
+		// own.
+		switch {
+		case ev.HasID && ev.ID != "":
+			if _, seen := hb.ring.after(ev.ID); seen {
+				return
+			}
+			hb.rejoined = false
+		case hb.catchingUp:
 			return
+		case hb.ring.endsRecently(ev.Data, rejoinLookBack):
+			// The same event, from the upstream request this gateway
+			// made alone as the new holder asked: the two overlap.
+			return
+		default:
+			hb.rejoined = false
 		}
-		hb.rejoined = false
 	}
 	if ev.HasID && !hb.leading {
 		hb.upstreamID = ev.ID // asked from if this gateway leads or goes alone

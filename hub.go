@@ -121,9 +121,10 @@ type hub struct {
 	// In a fleet (fleet.go): the last event of the log in the ring, whether
 	// this gateway runs the upstream, and whether it rejoined the fleet
 	// after serving alone.
-	logSeq   uint64
-	leading  bool
-	rejoined bool
+	logSeq     uint64
+	leading    bool
+	rejoined   bool
+	catchingUp bool // following the log, not yet at its end
 	// unlogged is what the upstream gave this gateway while it served
 	// alone, for the log if it leads when it rejoins; ownFrom and ownTo
 	// are the log's numbers of those it appended, already in the ring.
@@ -688,7 +689,8 @@ func (hw *hubWriter) event(chunk []byte, hasID bool) error {
 	}
 	if hw.lease == nil {
 		data := append([]byte(nil), chunk...)
-		if hb.fleetPrefix != "" {
+		if hb.fleetPrefix != "" && hasID && id != "" {
+			// Only events the other gateways can tell they have.
 			hb.keepUnloggedLocked(LogEvent{Data: data, HasID: hasID, ID: id})
 		}
 		hb.appendLocked(data, hasID, id)

@@ -1,5 +1,7 @@
 package caddysse
 
+import "bytes"
+
 // ring is a shared stream's store of whole events, oldest first, each with
 // its sequence number, its place in the byte stream and the last event ID
 // a client holds once it has it (WHATWG HTML: an event without `id:` keeps
@@ -145,6 +147,17 @@ func (rg *ring) replays(seq uint64, data []byte) bool {
 	}
 	ev := rg.at(seq)
 	return ev.upstreamID && string(ev.data) == string(data)
+}
+
+// endsRecently reports whether one of the newest n events ends with data:
+// is it, or it with an id line of the gateway's before it.
+func (rg *ring) endsRecently(data []byte, n int) bool {
+	for i := len(rg.events) - 1; i >= 0 && i >= len(rg.events)-n; i-- {
+		if bytes.HasSuffix(rg.events[i].data, data) {
+			return true
+		}
+	}
+	return false
 }
 
 // find returns the newest kept event that is data, byte for byte, with an
