@@ -97,10 +97,11 @@ func (hb *hub) fleet(log Log) (ended bool, err error) {
 	case <-failed:
 		return false, followErr
 	}
-	if after == 0 {
+	if after == 0 && !hb.decided.Load() {
 		// The clients that came before the log was read get what comes
 		// next, as they would from a new upstream request; the kept
-		// events are for those that come back with Last-Event-ID.
+		// events are for those that come back with Last-Event-ID. (Not
+		// those of a hub that served alone first: they have been fed.)
 		hb.mu.Lock()
 		for sub := range hb.subs {
 			sub.pos, sub.posStart = hb.ring.next, hb.ring.total

@@ -18,6 +18,7 @@ type fakeStore struct {
 	mu     sync.Mutex
 	logs   map[string]*fakeLogData
 	down   bool
+	slow   bool          // appends time out, the rest works
 	wake   chan struct{} // closed and replaced at every append and outage
 	leases int           // taken, in all
 }
@@ -154,7 +155,7 @@ func (f *fakeLease) Append(_ context.Context, ev LogEvent) (uint64, error) {
 	s := f.log.store
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.down {
+	if s.down || s.slow {
 		return 0, errFakeDown
 	}
 	d := f.log.data
@@ -328,9 +329,15 @@ func TestFleetFailoverAsksFromTheLastID(t *testing.T) {
 	if got := b.waitBody(t, "two\n\n"); got != "id: 1\ndata: one\n\nid: 2\ndata: two\n\n" {
 		t.Errorf("b got %q", got)
 	}
-	// The old leader's upstream request ends at its next event.
-	hr.chunks <- []byte("id: x\ndata: late\n\n")
-	<-hr.acks
+	// The old leader's upstream request ends: at once, its lease lost, or
+	// at its next event, which the log refuses.
+	select {
+	case hr.chunks <- []byte("id: x\ndata: late\n\n"):
+		<-hr.acks
+	case <-hr.gone:
+	case <-time.After(testWait):
+		t.Fatal("the old leader's upstream request goes on")
+	}
 	hr.waitGone(t)
 	if got := a.waitBody(t, "two\n\n"); strings.Contains(got, "late") {
 		t.Errorf("a got the old leader's late event: %q", got)
@@ -370,9 +377,9 @@ func TestFleetStoreDownServesAloneThenRejoins(t *testing.T) {
 		hr.send(t, "id: 2\ndata: two\n\n")
 	}
 	hr.send(t, "id: 3\ndata: three\n\n")
-	for _, cl := range []*client{a, b} {
+	for i, cl := range []*client{a, b} {
 		if got := cl.waitBody(t, "three\n\n"); got != "id: 1\ndata: one\n\nid: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
-			t.Errorf("client got %q", got)
+			t.Errorf("gateway %d leads; the client of gateway %d got %q", leader, i, got)
 		}
 	}
 	for _, g := range gws {
@@ -429,4 +436,33 @@ func TestFleetLingeringGatewayStartsNoUpstream(t *testing.T) {
 	if store.leases != 1 {
 		t.Errorf("%d leases taken, want 1", store.leases)
 	}
+}
+
+func TestFleetEventTheStoreFailedIsAskedForAgain(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	store := newFakeStore()
+	gws := newFleet(t, store, 1, func() *ShareConfig { return &ShareConfig{} })
+	a := gws[0].client(t, "/x")
+	hr := gws[0].up.next(t)
+	hr.send(t, "id: 1\ndata: one\n\n")
+	a.waitBody(t, "one\n\n")
+	// The store fails the leader's append of 2: 2 is in no ring, so the
+	// gateway, now alone, asks the upstream from 1, not 2.
+	store.mu.Lock()
+	store.slow = true
+	store.mu.Unlock()
+	hr.chunks <- []byte("id: 2\ndata: two\n\n")
+	<-hr.acks
+	hr.waitGone(t)
+	hr = advanceUntilRequest(t, gws[0].clock, gws[0].up)
+	if got := hr.r.Header.Get("Last-Event-ID"); got != "1" {
+		t.Errorf("alone, the gateway asked with Last-Event-ID %q, want 1", got)
+	}
+	hr.send(t, "id: 2\ndata: two\n\n")
+	if got := a.waitBody(t, "two\n\n"); got != "id: 1\ndata: one\n\nid: 2\ndata: two\n\n" {
+		t.Errorf("client got %q", got)
+	}
+	a.cancel()
+	a.waitDone(t)
+	hr.waitGone(t)
 }

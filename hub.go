@@ -684,10 +684,10 @@ func (hw *hubWriter) event(chunk []byte, hasID bool) error {
 		hw.dedup = false
 	}
 	hw.events++
-	if hasID {
-		hb.upstreamID = id
-	}
 	if hw.lease == nil {
+		if hasID {
+			hb.upstreamID = id
+		}
 		data := append([]byte(nil), chunk...)
 		if hb.fleetPrefix != "" && hasID && id != "" {
 			// Only events the other gateways can tell they have.
@@ -700,10 +700,17 @@ func (hw *hubWriter) event(chunk []byte, hasID bool) error {
 	hb.mu.Unlock()
 	ev := LogEvent{Data: append([]byte(nil), chunk...), HasID: hasID, ID: id}
 	if _, err := hw.lease.Append(hw.ctx, ev); err != nil {
+		// Not asked from: the event may not be in the log, and it is in
+		// no ring.
 		hw.appendErr = err
 		return err
 	}
 	sseMetrics.storePublished.Inc()
+	if hasID {
+		hb.mu.Lock()
+		hb.upstreamID = id
+		hb.mu.Unlock()
+	}
 	return nil
 }
 
