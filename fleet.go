@@ -45,7 +45,7 @@ func (hb *hub) runFleet(store Store) {
 	defer hb.settleUnready()
 	conf := hb.handler().Share
 	limits := LogLimits{Events: max(*conf.Replay, 1), Bytes: conf.MaxBacklog}
-	log, err := store.OpenLog(hb.ctx, LogName(hb.key), limits)
+	log, err := store.OpenLog(hb.ctx, hb.logName, limits)
 	for {
 		if err == nil {
 			var ended bool
@@ -355,7 +355,7 @@ func (hb *hub) alone(store Store, limits LogLimits) Log {
 				t.Stop()
 				return
 			}
-			if l, err := store.OpenLog(ctx, LogName(hb.key), limits); err == nil {
+			if l, err := store.OpenLog(ctx, hb.logName, limits); err == nil {
 				if _, err = l.Header(ctx); err == nil {
 					log = l
 					close(back)
