@@ -329,8 +329,13 @@ func TestFleetFailoverAsksFromTheLastID(t *testing.T) {
 		t.Errorf("b got %q", got)
 	}
 	// The old leader's upstream request ends at its next event.
-	hr.chunks <- []byte("id: x\ndata: late\n\n")
-	<-hr.acks
+	select {
+	case hr.chunks <- []byte("id: x\ndata: late\n\n"):
+		<-hr.acks
+	case <-hr.gone: // ended already, at the lease's loss
+	case <-time.After(testWait):
+		t.Fatal("the old leader's upstream request neither took an event nor ended")
+	}
 	hr.waitGone(t)
 	if got := a.waitBody(t, "two\n\n"); strings.Contains(got, "late") {
 		t.Errorf("a got the old leader's late event: %q", got)
