@@ -35,9 +35,13 @@ const (
 // streamFor names the JetStream stream of a replay limit and its subject
 // for one shared stream. A stream keeps as many messages per subject as one
 // limit says, so each distinct limit has its own.
-func streamFor(events int, name string) (stream, subject string) {
+func streamFor(events int, name string) (stream, subject, leaseKey string) {
 	n := strconv.Itoa(events)
-	return "SSE_EVENTS_R" + n, "sse.r" + n + "." + name
+	// The lease guards the subject the holder appends to: gateways whose
+	// replay differs (a rolling change of it) follow different subjects,
+	// and each has a holder, rather than one following a subject nobody
+	// appends to.
+	return "SSE_EVENTS_R" + n, "sse.r" + n + "." + name, "r" + n + "." + name
 }
 
 // openLog ensures the log's JetStream stream and the lease bucket, once per
@@ -49,7 +53,7 @@ func (c *conn) openLog(ctx context.Context, s *Store, name string, events int) (
 	timeout := min(time.Duration(s.Lease), maxCallTimeout)
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	streamName, subject := streamFor(events, name)
+	streamName, subject, leaseKey := streamFor(events, name)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	streamKey := fmt.Sprintf("%s/%d", streamName, s.Replicas)
@@ -96,7 +100,7 @@ func (c *conn) openLog(ctx context.Context, s *Store, name string, events int) (
 	return &natsLog{
 		conn:       c,
 		poolKey:    s.poolKey,
-		name:       name,
+		name:       leaseKey,
 		stream:     st,
 		streamName: streamName,
 		subject:    subject,
