@@ -100,3 +100,85 @@ func hubLiveOf(h *Handler) bool {
 	}
 	return false
 }
+
+// inject appends ev to name's log as a hostile or broken store (or any
+// NATS user allowed to publish on the subject) would: no lease, no check.
+func (s *fakeStore) inject(name string, ev LogEvent) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.logs[name]
+	d.seq++
+	ev.Seq = d.seq
+	d.events = append(d.events, ev)
+	s.wakeLocked()
+}
+
+// TestAttackFleetLogDataNotOneEvent: an event of the log is given to the
+// clients as its Data says, whole or not: Data holding several events
+// injects events behind the one the log numbers (with assign_ids, only the
+// first gets the id), and Data without its blank line runs into the next
+// event, which the client then reads as one. The hub must give its clients
+// only whole single events.
+func TestAttackFleetLogDataNotOneEvent(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	store := newFakeStore()
+	gws := newFleet(t, store, 1, fleetConf)
+	a := gws[0].client(t, "/x")
+	hr := gws[0].up.next(t)
+	hr.send(t, "data: one\n\n")
+	a.waitBody(t, "one\n\n")
+	name := onlyHub(t, gws[0].h).logName
+	store.inject(name, LogEvent{Data: []byte("data: two\n\ndata: injected\n\n")})
+	store.inject(name, LogEvent{Data: []byte("data: unterminated")})
+	hr.send(t, "data: three\n\n")
+	got := a.waitBody(t, "three\n\n")
+	if strings.Contains(got, "injected") || strings.Contains(got, "unterminated") {
+		t.Errorf("the client got what the log's Data held beyond one whole event: %q", got)
+	}
+	a.cancel()
+	a.waitDone(t)
+	hr.waitGone(t)
+}
+
+// TestAttackFleetLogHeaderPerUser: a follower takes the log's header as it
+// is: a status that is not 200, a header marked as one user's (Set-Cookie)
+// or a Content-Length would reach every client of the gateway. The leader
+// never shares such a header, so one in the log is not the fleet's.
+func TestAttackFleetLogHeaderPerUser(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	store := newFakeStore()
+	gws := newFleet(t, store, 2, fleetConf)
+	a := gws[0].client(t, "/h")
+	hr := gws[0].up.next(t)
+	hr.send(t, "data: one\n\n")
+	a.waitBody(t, "one\n\n")
+	name := onlyHub(t, gws[0].h).logName
+	store.mu.Lock()
+	store.logs[name].header = &LogHeader{Status: 200, Header: map[string][]string{
+		"Content-Type": {"text/event-stream"},
+		"Set-Cookie":   {"session=attacker; Path=/"},
+	}}
+	store.mu.Unlock()
+	b := gws[1].client(t, "/h")
+	waitSubscribers(t, gws[1].h, 1)
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) && !hubLiveOf(gws[1].h) {
+		gws[1].clock.Advance(100 * time.Millisecond)
+		time.Sleep(2 * time.Millisecond)
+	}
+	if hubLiveOf(gws[1].h) {
+		hr.send(t, "data: two\n\n")
+		b.waitBody(t, "two\n\n")
+		b.w.mu.Lock()
+		cookie := b.w.header.Get("Set-Cookie")
+		b.w.mu.Unlock()
+		if cookie != "" {
+			t.Errorf("a follower's client got the log header's Set-Cookie %q", cookie)
+		}
+	}
+	for _, cl := range []*client{a, b} {
+		cl.cancel()
+		cl.waitDone(t)
+	}
+	hr.waitGone(t)
+}
