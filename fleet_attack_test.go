@@ -182,3 +182,52 @@ func TestAttackFleetLogHeaderPerUser(t *testing.T) {
 	}
 	hr.waitGone(t)
 }
+
+// TestAttackFleetRejoinBehindSkipsEvents: two gateways serve alone while
+// the store is down; a gets further than b. The store is back and a
+// rejoins first and leads: it appends what it got alone, for b. b then
+// rejoins, reads those events while catching up, and (its log position
+// being 0, as for a new hub) moves its clients past everything read,
+// so that they never get the event they missed.
+func TestAttackFleetRejoinBehindSkipsEvents(t *testing.T) {
+	defer verifyNoNewGoroutines(t)()
+	store := newFakeStore()
+	gws := newFleet(t, store, 2, func() *ShareConfig { return &ShareConfig{} })
+	store.setDown(true)
+	a := gws[0].client(t, "/r")
+	b := gws[1].client(t, "/r")
+	hrA, hrB := gws[0].up.next(t), gws[1].up.next(t)
+	hrA.send(t, "id: 1\ndata: one\n\nid: 2\ndata: two\n\n")
+	hrB.send(t, "id: 1\ndata: one\n\n")
+	a.waitBody(t, "two\n\n")
+	b.waitBody(t, "one\n\n")
+	store.setDown(false)
+	hr, _ := advanceUntilAsked(t, gws[:1]) // a alone is back first, and leads
+	hrA.waitGone(t)
+	advanceUntilGone(t, gws[1], hrB) // then b
+	hr.send(t, "id: 3\ndata: three\n\n")
+	if got := b.waitBody(t, "three\n\n"); got != "id: 1\ndata: one\n\nid: 2\ndata: two\n\nid: 3\ndata: three\n\n" {
+		t.Errorf("the gateway that rejoined behind gave its client %q", got)
+	}
+	for _, cl := range []*client{a, b} {
+		cl.cancel()
+		cl.waitDone(t)
+	}
+	hr.waitGone(t)
+}
+
+// advanceUntilGone moves g's clock on until its upstream request hr ends.
+func advanceUntilGone(t *testing.T, g gateway, hr *hubReq) {
+	t.Helper()
+	deadline := time.After(testWait)
+	for {
+		select {
+		case <-hr.gone:
+			return
+		case <-deadline:
+			t.Fatal("the gateway's own upstream request did not end")
+		case <-time.After(2 * time.Millisecond):
+			g.clock.Advance(100 * time.Millisecond)
+		}
+	}
+}
