@@ -81,7 +81,7 @@ func (hb *hub) fleet(log Log) (ended bool, err error) {
 	failed := make(chan struct{}) // closed when following ends, with followErr
 	var followErr error
 	hb.mu.Lock()
-	after := hb.logSeq
+	after, rejoined := hb.logSeq, hb.rejoined
 	hb.catchingUp = true
 	hb.mu.Unlock()
 	go func() {
@@ -98,10 +98,12 @@ func (hb *hub) fleet(log Log) (ended bool, err error) {
 	case <-failed:
 		return false, followErr
 	}
-	if after == 0 {
+	if after == 0 && !rejoined {
 		// The clients that came before the log was read get what comes
 		// next, as they would from a new upstream request; the kept
-		// events are for those that come back with Last-Event-ID.
+		// events are for those that come back with Last-Event-ID. A hub
+		// back from serving alone has had its clients all along: they
+		// get what the log has that they had not (appendFromLog).
 		hb.mu.Lock()
 		for sub := range hb.subs {
 			sub.pos, sub.posStart = hb.ring.next, hb.ring.total
