@@ -3,6 +3,7 @@ package caddysse
 import (
 	"context"
 	"errors"
+	"net/http"
 	"strconv"
 	"strings"
 	"sync"
@@ -45,7 +46,7 @@ func (hb *hub) runFleet(store Store) {
 	defer hb.settleUnready()
 	conf := hb.handler().Share
 	limits := LogLimits{Events: max(*conf.Replay, 1), Bytes: conf.MaxBacklog}
-	log, err := store.OpenLog(hb.ctx, LogName(hb.key), limits)
+	log, err := store.OpenLog(hb.ctx, hb.logName, limits)
 	for {
 		if err == nil {
 			var ended bool
@@ -240,6 +241,19 @@ func (hb *hub) appendFromLog(ev LogEvent) {
 	if hb.ownFrom <= ev.Seq && ev.Seq <= hb.ownTo {
 		return // appended by this hub from its ring (appendUnlogged)
 	}
+	// The log is read as a leader writes it: one whole event, its id as
+	// its id field says. Anything else (a broken or hostile store, or a
+	// publisher that is no gateway) would break the clients' framing or
+	// give them events behind the one the log numbers: left out.
+	hasID, id, whole := logEventFields(ev.Data)
+	if !whole || int64(len(ev.Data)) > hb.handler().Share.MaxBacklog {
+		sseMetrics.storeErrors.Inc()
+		return
+	}
+	ev.HasID = hasID
+	if hasID {
+		ev.ID = id
+	}
 	hb.unlogged = nil // another gateway leads: the log has what it needs
 	if hb.rejoined {
 		// Back from serving alone: what the upstream gave this gateway
@@ -271,6 +285,31 @@ func (hb *hub) appendFromLog(ev LogEvent) {
 		data, id = hb.withID(hb.fleetPrefix, data, ev.Seq)
 	}
 	hb.addEventLocked(data, id, ev.HasID)
+}
+
+// logEventFields reads an event of the log: whether it is one whole event
+// (its blank line ends it, nothing after), and whether it has an id field
+// of the upstream's, with its value, as the leader's hubWriter found them.
+func logEventFields(data []byte) (hasID bool, id string, whole bool) {
+	st := newEventState()
+	for n := 0; n < len(data); {
+		ended := st.ended
+		n += st.scan(data[n:], true)
+		if st.ended == ended {
+			continue
+		}
+		if n != len(data) {
+			return false, "", false
+		}
+		if st.idFields == 0 {
+			return false, "", true
+		}
+		if last, known := st.lastID(); known {
+			return true, string(last), true
+		}
+		return true, unknownID, true
+	}
+	return false, "", false
 }
 
 // A client that comes back to a fleet's gateway with Last-Event-ID may
@@ -318,9 +357,21 @@ func (hb *hub) awaitLogged(ctx context.Context, lastID string) {
 // goLive makes a hub that follows another gateway's upstream a shared
 // stream, with the header that upstream gave.
 func (hb *hub) goLive(header *LogHeader) {
+	// A leader shares only a 200 event stream not marked as one user's,
+	// without what was its own request's: another header in the log is
+	// not the fleet's, and the hub goes on waiting for one that is.
+	if header.Status != http.StatusOK || !isEventStream(header.Header) ||
+		perUser(header.Header, hb.handler().Share.Key == "") {
+		return
+	}
+	h := header.Header.Clone()
+	for _, name := range []string{"Content-Length", "Date", replayHeader, "Last-Event-ID",
+		"Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade"} {
+		h.Del(name)
+	}
 	hb.mu.Lock()
 	if hb.state == hubStarting {
-		hb.state, hb.status, hb.header = hubLive, header.Status, header.Header
+		hb.state, hb.status, hb.header = hubLive, header.Status, h
 	}
 	hb.mu.Unlock()
 	hb.markReady()
@@ -356,7 +407,7 @@ func (hb *hub) alone(store Store, limits LogLimits) Log {
 				t.Stop()
 				return
 			}
-			if l, err := store.OpenLog(ctx, LogName(hb.key), limits); err == nil {
+			if l, err := store.OpenLog(ctx, hb.logName, limits); err == nil {
 				if _, err = l.Header(ctx); err == nil {
 					log = l
 					close(back)

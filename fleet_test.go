@@ -281,7 +281,7 @@ func TestFleetOneUpstreamTheSameIDsEverywhere(t *testing.T) {
 	waitSubscribers(t, gws[1].h, 1)
 	waitLive(t, gws[1]) // b's hub found the header of a's upstream
 	hr.send(t, "data: two\n\nid: own\ndata: three\n\n")
-	prefix := LogName(onlyHub(t, gws[0].h).key)[:12] + "-"
+	prefix := onlyHub(t, gws[0].h).logName[:12] + "-"
 	want := "id: " + prefix + "2\ndata: two\n\nid: own\ndata: three\n\n"
 	if got := a.waitBody(t, "three\n\n"); got != "id: "+prefix+"1\ndata: one\n\n"+want {
 		t.Errorf("a got %q", got)
@@ -320,7 +320,7 @@ func TestFleetFailoverAsksFromTheLastID(t *testing.T) {
 	b.waitBody(t, "one\n\n")
 	// The leader is gone (its lease expired): b's gateway takes over and
 	// asks from the last id; the upstream sends 1 again, then 2.
-	store.expire(LogName(onlyHub(t, gws[1].h).key))
+	store.expire(onlyHub(t, gws[1].h).logName)
 	hr2, _ := advanceUntilAsked(t, gws[1:])
 	if got := hr2.r.Header.Get("Last-Event-ID"); got != "1" {
 		t.Errorf("new leader asked with Last-Event-ID %q, want 1", got)

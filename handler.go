@@ -283,6 +283,7 @@ func (h *Handler) Provision(ctx caddy.Context) (err error) {
 			// Kept across reloads: see hubs.go.
 			key, countKey := hubPoolKey(srv, h.Share.Key)
 			h.hubsCountKey = countKey
+			h.hubs.scope = key
 			reg, _, _ := hubPool.LoadOrNew(key, func() (caddy.Destructor, error) { return h.hubs, nil })
 			h.hubs, h.hubsPoolKey = reg.(*hubRegistry), key
 		}

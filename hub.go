@@ -84,6 +84,7 @@ type hub struct {
 	// fleetPrefix is that of the gateway ids of events from a store's
 	// log: a digest of the key, the same on every gateway (fleet.go).
 	fleetPrefix string
+	logName     string        // the store's name of its log (hubRegistry.logName)
 	ready       chan struct{} // closed once the first header is in, or the first attempt ended without one
 	decided     atomic.Bool   // ready is closed
 	finished    chan struct{} // closed when run returns: no upstream request is left
@@ -166,7 +167,8 @@ func (reg *hubRegistry) newHub(key string, h *Handler, r *http.Request, next cad
 		next:     next, nextOwner: h,
 	}
 	if h.Share.store != nil {
-		hb.fleetPrefix = LogName(key)[:12] + "-"
+		hb.logName = reg.logName(key)
+		hb.fleetPrefix = hb.logName[:12] + "-"
 	}
 	if id := r.Header.Get("Last-Event-ID"); id != "" && !(h.Share.AssignIDs && isGatewayID(id)) {
 		hb.upstreamID = id

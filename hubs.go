@@ -43,6 +43,11 @@ type hubRegistry struct {
 	// storeDown is set while the store fails, so that an outage is
 	// logged once (fleet.go).
 	storeDown atomic.Bool
+	// scope is the registry's key in hubPool (its server, its place among
+	// the server's share handlers, its share key), set when it is made: a
+	// store's log names hold it, so that two routes never share a log,
+	// as they never share a hub (logName).
+	scope string
 }
 
 // hubFailure is a key whose upstream failed: requests for it are refused
@@ -71,6 +76,15 @@ type shareHandlersOf struct{ srv *caddyhttp.Server }
 
 func newHubRegistry() *hubRegistry {
 	return &hubRegistry{hubs: make(map[string]*hub), failures: make(map[string]hubFailure)}
+}
+
+// logName is the name a store knows the shared stream of key by: a digest
+// of the registry's scope and the key.
+func (reg *hubRegistry) logName(key string) string {
+	if reg.scope == "" {
+		return LogName(key)
+	}
+	return LogName(reg.scope + "\x00" + key)
 }
 
 // handler is the newest configuration's handler.

@@ -35,9 +35,13 @@ const (
 // streamFor names the JetStream stream of a replay limit and its subject
 // for one shared stream. A stream keeps as many messages per subject as one
 // limit says, so each distinct limit has its own.
-func streamFor(events int, name string) (stream, subject string) {
+func streamFor(events int, name string) (stream, subject, leaseKey string) {
 	n := strconv.Itoa(events)
-	return "SSE_EVENTS_R" + n, "sse.r" + n + "." + name
+	// The lease guards the subject the holder appends to: gateways whose
+	// replay differs (a rolling change of it) follow different subjects,
+	// and each has a holder, rather than one following a subject nobody
+	// appends to.
+	return "SSE_EVENTS_R" + n, "sse.r" + n + "." + name, "r" + n + "." + name
 }
 
 // openLog ensures the log's JetStream stream and the lease bucket, once per
@@ -49,7 +53,7 @@ func (c *conn) openLog(ctx context.Context, s *Store, name string, events int) (
 	timeout := min(time.Duration(s.Lease), maxCallTimeout)
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	streamName, subject := streamFor(events, name)
+	streamName, subject, leaseKey := streamFor(events, name)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	streamKey := fmt.Sprintf("%s/%d", streamName, s.Replicas)
@@ -92,11 +96,12 @@ func (c *conn) openLog(ctx context.Context, s *Store, name string, events int) (
 			return nil, fmt.Errorf("nats store: bucket %s: %w", leaseBucket, err)
 		}
 		c.buckets[bucketKey] = kv
+		c.setLeaseTTLLocked(time.Duration(s.Lease))
 	}
 	return &natsLog{
 		conn:       c,
 		poolKey:    s.poolKey,
-		name:       name,
+		name:       leaseKey,
 		stream:     st,
 		streamName: streamName,
 		subject:    subject,
@@ -363,14 +368,23 @@ type natsLease struct {
 	stopOnce sync.Once
 }
 
-// renew updates the key every third of the lease. The key vanishes Lease
-// after the server wrote it, which is after the update was sent: without a
-// successful renewal sent within Lease, another gateway may hold it.
+// renew updates the key every third of its term: the lease, or the
+// bucket's TTL if a later config on this connection set a shorter one. The
+// key vanishes a term after the server wrote it, which is after the update
+// was sent: without a successful renewal sent within it, another gateway
+// may hold it.
 func (ls *natsLease) renew(lastOK time.Time) {
 	l := ls.log
-	tick := time.NewTicker(l.lease / 3)
+	term := func() time.Duration {
+		if ttl := time.Duration(l.conn.leaseTTL.Load()); ttl > 0 {
+			return min(l.lease, ttl)
+		}
+		return l.lease
+	}
+	changed := l.conn.leaseTTLChanged()
+	tick := time.NewTimer(term() / 3)
 	defer tick.Stop()
-	deadline := time.NewTimer(time.Until(lastOK.Add(l.lease)))
+	deadline := time.NewTimer(time.Until(lastOK.Add(term())))
 	defer deadline.Stop()
 	for {
 		select {
@@ -382,12 +396,17 @@ func (ls *natsLease) renew(lastOK time.Time) {
 			ls.markLost()
 			return
 		case <-tick.C:
+			tick.Reset(term() / 3)
+		case <-changed:
+			// The key's TTL changed under it: renew now, within the new one.
+			changed = l.conn.leaseTTLChanged()
+			tick.Reset(term() / 3)
 		}
 		sent := time.Now()
 		err := ls.update(context.Background())
 		switch {
 		case err == nil:
-			deadline.Reset(time.Until(sent.Add(l.lease)))
+			deadline.Reset(time.Until(sent.Add(term())))
 		case errors.Is(err, errReleased):
 			return
 		case errors.Is(err, jetstream.ErrKeyRevisionMismatch), errors.Is(err, jetstream.ErrKeyNotFound),

@@ -251,7 +251,7 @@ func TestStaleHolder(t *testing.T) {
 	appendEvent(t, la, "1")
 	// a's key vanishes as if it had not renewed it in time (a paused
 	// process), and b takes the lease and appends.
-	if err := a.kv.Purge(context.Background(), name); err != nil {
+	if err := a.kv.Purge(context.Background(), a.name); err != nil {
 		t.Fatal(err)
 	}
 	lb := lead(t, b)

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -231,6 +232,27 @@ type conn struct {
 	mu      sync.Mutex
 	streams map[string]jetstream.Stream   // ensured streams, by config
 	buckets map[string]jetstream.KeyValue // ensured lease buckets, by config
+	// leaseTTL is the lease bucket's TTL as this process last set it: a
+	// config with a shorter lease shortens it for the leases of an older
+	// one too, which then renew within it (natsLease.renew).
+	leaseTTL   atomic.Int64
+	ttlChanged chan struct{} // closed and replaced when leaseTTL changes; under mu
+}
+
+// setLeaseTTL records the lease bucket's TTL that this process set, and
+// has the leases renew at once if it changed. Called with mu held.
+func (c *conn) setLeaseTTLLocked(ttl time.Duration) {
+	if c.leaseTTL.Swap(int64(ttl)) != int64(ttl) {
+		close(c.ttlChanged)
+		c.ttlChanged = make(chan struct{})
+	}
+}
+
+// leaseTTLChanged is closed when the lease bucket's TTL changes next.
+func (c *conn) leaseTTLChanged() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ttlChanged
 }
 
 // connKey names the connection settings in the pool.
@@ -280,7 +302,7 @@ func (s *Store) newConn() (caddy.Destructor, error) {
 	if s.Credentials != "" {
 		opts = append(opts, nats.UserCredentials(s.Credentials))
 	}
-	c := &conn{streams: make(map[string]jetstream.Stream), buckets: make(map[string]jetstream.KeyValue)}
+	c := &conn{streams: make(map[string]jetstream.Stream), buckets: make(map[string]jetstream.KeyValue), ttlChanged: make(chan struct{})}
 	url := strings.Join(s.URLs, ",")
 	if len(s.URLs) == 0 {
 		srv, err := server.NewServer(&server.Options{
