@@ -12,7 +12,7 @@ import (
 )
 
 // The fleet target (issue 18): fleetSize Caddy gateways, each its own
-// process of the binary built from natsstore/cmd/caddy, whose share keeps its
+// process of the binary built from natsstore/cmd/caddy-nats, whose share keeps its
 // events in one NATS server with JetStream. The gateway that holds a key's
 // lease runs the one upstream request and appends each event to JetStream;
 // every gateway with subscribers on the key reads the events and writes them
@@ -132,7 +132,7 @@ func fleetSection(w func(string, ...any), res *results) {
 	}
 	w("### Through a fleet of %d gateways (issue 18)\n\n", fleetSize)
 	w("The same scenario, with **%s** (one gateway, share's memory store) beside **%s**: %d Caddy\n", targetShare, targetFleet, fleetSize)
-	w("processes built from `natsstore/cmd/caddy`, each with `share {path} { store nats { url … lease %s } }`, and\n", fleetLease)
+	w("processes built from `natsstore/cmd/caddy-nats`, each with `share {path} { store nats { url … lease %s } }`, and\n", fleetLease)
 	w("one NATS server with JetStream (nats-server %s, linked into the harness from its Go module and run in a\n", natsVersion)
 	w("child process of it, started fresh with an empty store for each count and round). Subscriber *i* connects to\n")
 	w("gateway *i* mod %d, so they are spread evenly, all with the same `Host` header (`%s`), as behind a load\n", fleetSize, fleetHost)

@@ -10,7 +10,7 @@
 //	go run . -smoke              # about 30 seconds, for CI; writes nothing unless -out is given
 //
 // It builds Caddy from ../cmd/caddy (or uses -caddy), and for the fleet
-// target Caddy with the NATS store from ../natsstore/cmd/caddy (or uses
+// target Caddy with the NATS store from ../natsstore/cmd/caddy-nats (or uses
 // -fleet-caddy), installs nginx from Debian when it is missing, starts every
 // target itself on 127.0.0.1 (the fleet's NATS server too: nats-server's own
 // code, linked into this binary) and stops them all before it exits.
@@ -61,7 +61,7 @@ func run() error {
 		out      = flag.String("out", "", "directory for benchmarks.md and the plots (none written when empty)")
 		root     = flag.String("root", "..", "the caddy-sse repository, whose ./cmd/caddy is built")
 		caddyBin = flag.String("caddy", "", "use this Caddy binary (with the sse module) instead of building one")
-		fleetBin = flag.String("fleet-caddy", "", "use this Caddy binary (with the sse module and natsstore) for the fleet's gateways instead of building ../natsstore/cmd/caddy")
+		fleetBin = flag.String("fleet-caddy", "", "use this Caddy binary (with the sse module and natsstore) for the fleet's gateways instead of building ../natsstore/cmd/caddy-nats")
 		targets  = flag.String("targets", strings.Join([]string{targetDirect, targetCaddy, targetSSE, targetNginx}, ","), "targets to measure, comma-separated")
 		scale    = flag.String("scale", "", "stream counts for the scale scenario, comma-separated (default 1000,5000,8000; smoke 50)")
 		note     = flag.String("note", "", "a sentence about the machine's state during the run, for the report (for example that it was shared)")
@@ -194,7 +194,7 @@ func run() error {
 		l.fleetBin = *fleetBin
 		if l.fleetBin == "" {
 			l.fleetBin = filepath.Join(scratch, "caddy-natsstore")
-			if err := goBuild(ctx, *root, "./natsstore/cmd/caddy", l.fleetBin); err != nil {
+			if err := goBuild(ctx, *root, "./natsstore/cmd/caddy-nats", l.fleetBin); err != nil {
 				return err
 			}
 		}

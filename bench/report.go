@@ -193,7 +193,7 @@ func writeReport(res *results, m machine, notes, path string) error {
 	w("(nginx: master and workers). The harness itself (upstream and clients) runs on the same %d cores, so the\n", m.cpus)
 	w("absolute figures include its contention; the ratios are what compare.")
 	if len(res.fanout) > 0 && slicesContains(cfg.fanoutTargets, targetFleet) {
-		w(" The fleet's gateways are built from `natsstore/cmd/caddy` instead\n")
+		w(" The fleet's gateways are built from `natsstore/cmd/caddy-nats` instead\n")
 		w("(Caddy with the sse module and its NATS store); its NATS server is nats-server %s's own code, linked into the\n", natsVersion)
 		w("harness and run in a child process of it, so that its memory and CPU are measured apart.")
 	}

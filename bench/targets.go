@@ -51,7 +51,7 @@ var targetDescriptions = map[string]string{
 	targetNginx:  "nginx from Debian, `proxy_buffering off`, HTTP/1.1 to the upstream",
 	targetShare:  "Caddy, `sse { share {path} }` (one stream per path for every client) + the same `reverse_proxy` (fan-out scenario only)",
 	targetFloor:  "Caddy with a 40-line handler (`internal/caddyfloor`) that holds each subscriber's response open and writes each event POSTed to it, and nothing else: the least any Caddy handler holds per subscriber (fan-out scenario only)",
-	targetFleet:  fmt.Sprintf("%d Caddy processes built from `natsstore/cmd/caddy`, each with `sse { share {path} { store nats { url … lease %s } } }` + the same `reverse_proxy`, sharing one NATS server with JetStream (nats-server %s from its Go module, in a child process of the harness); subscribers spread evenly over the %d gateways, one upstream (fan-out scenario only)", fleetSize, fleetLease, natsVersion, fleetSize),
+	targetFleet:  fmt.Sprintf("%d Caddy processes built from `natsstore/cmd/caddy-nats`, each with `sse { share {path} { store nats { url … lease %s } } }` + the same `reverse_proxy`, sharing one NATS server with JetStream (nats-server %s from its Go module, in a child process of the harness); subscribers spread evenly over the %d gateways, one upstream (fan-out scenario only)", fleetSize, fleetLease, natsVersion, fleetSize),
 	targetTrio:   fmt.Sprintf("the %d gateways of caddy+sse+share-fleet, subscribers spread over them the same way, but each gateway with the memory store: %d upstream requests, no NATS; the fleet less its store, which tells the JetStream hop from running %d processes (fan-out scenario only, not run unless asked for)", fleetSize, fleetSize, fleetSize),
 	targetNchan:  "nginx from Debian with Debian's Nchan module: subscribers on an `nchan_subscriber eventsource` location, each event published once by HTTP POST to an `nchan_publisher` location; no upstream (fan-out scenario only)",
 }
@@ -87,7 +87,7 @@ type launcher struct {
 	floorBin  string // Caddy with the floor handler (internal/caddyfloor)
 	nginxBin  string
 	nchanMod  string // Debian's ngx_nchan_module.so
-	fleetBin  string // Caddy with the sse module and natsstore (natsstore/cmd/caddy)
+	fleetBin  string // Caddy with the sse module and natsstore (natsstore/cmd/caddy-nats)
 	selfBin   string // this harness's binary, which runs the fleet's NATS server
 	scratch   string
 	heartbeat time.Duration

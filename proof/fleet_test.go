@@ -24,7 +24,7 @@ import (
 
 // A fleet of gateways sharing streams through NATS (share's `store nats`),
 // as rows of the report: three Caddy processes built from
-// ../natsstore/cmd/caddy, each with its own admin API, HTTP port and data
+// ../natsstore/cmd/caddy-nats, each with its own admin API, HTTP port and data
 // directory, one NATS server with JetStream in this process, one upstream
 // in this process that numbers its events, and clients that reconnect the
 // way EventSource does, with Last-Event-ID, to the gateway the test points
@@ -78,22 +78,22 @@ func TestFleet(t *testing.T) {
 	t.Run("NATS restarted under load", func(t *testing.T) { fleetNATSRestart(t, bin) })
 }
 
-// buildFleetCaddy builds ../natsstore/cmd/caddy (Caddy with the standard
+// buildFleetCaddy builds ../natsstore/cmd/caddy-nats (Caddy with the standard
 // modules, the sse handler and the nats store) into the test's directory.
 func buildFleetCaddy(t *testing.T) string {
 	t.Helper()
 	if _, err := os.Stat(filepath.Join("..", "natsstore", "cmd", "caddy", "main.go")); err != nil {
-		requireTool(t, "../natsstore/cmd/caddy is missing (%v)", err)
+		requireTool(t, "../natsstore/cmd/caddy-nats is missing (%v)", err)
 	}
 	bin := filepath.Join(t.TempDir(), "caddy-nats")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	// natsstore is a module of its own; the workspace (go.work) builds it
 	// against the repository's sse handler.
-	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./natsstore/cmd/caddy")
+	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./natsstore/cmd/caddy-nats")
 	build.Dir = ".."
 	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building natsstore/cmd/caddy: %v\n%s", err, out)
+		t.Fatalf("building natsstore/cmd/caddy-nats: %v\n%s", err, out)
 	}
 	return bin
 }
