@@ -82,7 +82,7 @@ func TestFleet(t *testing.T) {
 // modules, the sse handler and the nats store) into the test's directory.
 func buildFleetCaddy(t *testing.T) string {
 	t.Helper()
-	if _, err := os.Stat(filepath.Join("..", "natsstore", "cmd", "caddy", "main.go")); err != nil {
+	if _, err := os.Stat(filepath.Join("..", "natsstore", "cmd", "caddy-nats", "main.go")); err != nil {
 		requireTool(t, "../natsstore/cmd/caddy-nats is missing (%v)", err)
 	}
 	bin := filepath.Join(t.TempDir(), "caddy-nats")
