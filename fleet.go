@@ -365,9 +365,11 @@ func (hb *hub) goLive(header *LogHeader) {
 		return
 	}
 	h := header.Header.Clone()
-	for _, name := range []string{"Content-Length", "Date", replayHeader, "Last-Event-ID",
-		"Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade"} {
+	for _, name := range startersOwnHeaders {
 		h.Del(name)
+	}
+	for _, name := range []string{"Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade"} {
+		h.Del(name) // hop-by-hop: the log's header came over no connection of ours
 	}
 	hb.mu.Lock()
 	if hb.state == hubStarting {

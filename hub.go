@@ -486,7 +486,7 @@ func (hw *hubWriter) WriteHeader(status int) {
 		// What the upstream said of the first request alone (its replay of
 		// that client's Last-Event-ID, its date) is not every client's.
 		header := hw.header.Clone()
-		for _, name := range []string{"Content-Length", "Date", replayHeader, "Last-Event-ID"} {
+		for _, name := range startersOwnHeaders {
 			header.Del(name)
 		}
 		hb.mu.Lock()
@@ -531,6 +531,10 @@ func (hw *hubWriter) shareHeader(status int, header http.Header) {
 		_ = hw.lease.SetHeader(hw.ctx, LogHeader{Status: status, Header: header})
 	}
 }
+
+// startersOwnHeaders are what the first response said of its own request
+// alone: not sent to the clients that join.
+var startersOwnHeaders = []string{"Content-Length", "Date", replayHeader, "Last-Event-ID"}
 
 // perUser reports whether a response is marked as one user's: it sets or
 // clears what the browser keeps for the user, answers its credentials
